@@ -685,9 +685,8 @@ assert not (_later[:, 15:20] == _idx[:, :5]).all(), "each epoch must be a new pe
 #
 # **Written for speed on every backend.** XLA:CPU's convolution is slow in the shapes these
 # models have: on small grids with many channels (the encoder's 256 -> 512 convolution on a 4x4
-# grid took 320 ms for a batch of 32 here, against ~4 ms of arithmetic), and inside a
-# `lax.scan`, where the NCA steps and our inner training steps live (SPEC's measured table: ~25x
-# slower). So `Conv` computes a convolution as what it is: the k x k shifted (and strided) copies
+# grid was two orders of magnitude slower than its arithmetic when we measured it), and inside a
+# `lax.scan`, where the NCA steps and our inner training steps live. So `Conv` computes a convolution as what it is: the k x k shifted (and strided) copies
 # of the input stacked along the channels, times one weight matrix ("im2col"). That is one large
 # matrix product, XLA's fastest operation on CPU and what the matrix units of TPUs and GPUs are
 # built for. The check below compares it with `lax.conv_general_dilated`.
@@ -2132,8 +2131,8 @@ display(Markdown(findings(results, tsne_scores, config)))
 #
 # The committed outputs come from the `cpu` preset: a few minutes of training per model on a
 # 2-core CPU, at a small fraction of an epoch (the findings above give the exact scale), with
-# the NCA latent narrowed from 256/128 to 32 while the baseline keeps its full latent of 256
-# (its cost is small, so we did not narrow it). This is enough to check that every part of the
+# the NCA latent narrowed from the paper's while the baseline keeps its full latent (its cost is
+# small, so we did not narrow it); the findings above list the sizes. This is enough to check that every part of the
 # pipeline works and learns, and far too little to test the paper's numbers. Read the claims
 # below in that light; the `full` preset runs the paper's setting.
 #
@@ -2157,7 +2156,7 @@ display(Markdown(findings(results, tsne_scores, config)))
 # **Claim 3 (robustness and cell information).** The non-doubling VNCA of this run has not yet
 # learned to draw digits: its samples are blobs, the damage-recovery figure shows the erased
 # squares smoothed but not regrown, and the linear probe, though above chance, is far from the
-# replication's 80 %. The damage-during-growth figure is more informative: damage to the
+# replication's (findings above). The damage-during-growth figure is more informative: damage to the
 # doubling VNCA at its first step is largely absorbed by the remaining growth, while damage from
 # the second stage on leaves a visible square, and the baseline shows visible damage from its
 # second position on. Whether the VNCAs repair damage as the paper shows needs the `full` run.
@@ -2173,8 +2172,8 @@ display(Markdown(findings(results, tsne_scores, config)))
 # **What was difficult.**
 # - *Speed on CPU.* XLA's convolutions were the bottleneck on CPU (section 4): writing every
 #   convolution as one matrix product, and the transposed convolutions by their four output
-#   parities, made the baseline's training step about 18 times faster here and the doubling
-#   VNCA's about 5 times.
+#   parities, made the training steps several times faster when we measured them during
+#   development (the baseline's most); section 10 gives this run's throughput.
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
 #   under `lax.cond` gives a cost that follows $T$ at the price of a longer compile.
