@@ -136,6 +136,7 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from IPython import get_ipython
 from IPython.display import Markdown, display
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -553,7 +554,6 @@ def image_grid(ax: plt.Axes, images: np.ndarray, title: str = "", cmap: str = "g
 
 def show_markdown(text: str) -> None:
     """Render markdown in Jupyter; print its source when the notebook runs as a plain script."""
-    from IPython import get_ipython
     display(Markdown(text)) if get_ipython() is not None else print(text)
 
 
@@ -1062,10 +1062,16 @@ show_markdown(markdown_table(["model", "parameters (ours, paper sizes)", "paper 
                                  f"this run (`{config.preset}`)"], rows))
 
 # %%
+@eqx.filter_jit
+def _encode_decode(model: VAE, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mean = jax.vmap(model.encoder)(x)[0]
+    return mean, jax.vmap(model.decoder)(mean)
+
+
 _x = jnp.asarray(test_images[:2])
 for _name in PAPER_PARAMETERS:
     _model = make_model(_name, 8, PRESETS["smoke"], jax.random.PRNGKey(1))
-    _mean, _logits = eqx.filter_jit(lambda m: (jax.vmap(m.encoder)(_x)[0], jax.vmap(m.decoder)(jax.vmap(m.encoder)(_x)[0])))(_model)
+    _mean, _logits = _encode_decode(_model, _x)
     assert _mean.shape == (2, 8) and _logits.shape == (2, 1, 32, 32), (_name, _logits.shape)
     assert bool(jnp.isfinite(_logits).all())
 _nd = make_model("nondoubling", 8, PRESETS["smoke"], jax.random.PRNGKey(1)).decoder
@@ -1669,7 +1675,6 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
 
 
 # %%
-assert forward_macs("doubling", 256, PRESETS["full"]) - forward_macs("doubling", 256, PRESETS["full"], 0) == 0
 assert abs(forward_macs("doubling", 256, PRESETS["full"]) / 12.9e9 - 1) < 0.01, "SPEC: ~12.9 GMAC per image"
 assert update_macs(256, 4) == 1_179_648 and update_macs(128, 0) == 163_840  # SPEC: ~1.18 M and ~0.17 M per cell-step
 assert forward_macs("nondoubling", 128, PRESETS["full"], 64) > 1.9 * forward_macs("nondoubling", 128, PRESETS["full"], 32)
@@ -1883,8 +1888,8 @@ def estimate_tables(estimate: dict) -> str:
                              for r in estimate["levers"]])
     total = sum(c["projected_total_s"] for c in m.values())
     return (f"Measured {estimate['date']} on {estimate['devices']} (backend `{estimate['backend']}`, JAX "
-            f"{estimate['jax']}) for the `{estimate['target_preset']}` preset, in a `{estimate['measured_in_preset']}` "
-            f"run; matmul peak {peak / 1e9:.1f} GFLOP/s per device; the estimate took {duration(estimate['seconds'])}.\n\n"
+            f"{estimate['jax']}) for the `{estimate['target_preset']}` preset by a run with preset `{estimate['measured_in_preset']}`"
+            f"; matmul peak {peak / 1e9:.1f} GFLOP/s per device; the estimate took {duration(estimate['seconds'])}.\n\n"
             + costs + f"\n\nProjected for the whole `{estimate['target_preset']}` run on these devices: "
             f"**{duration(total)}** ({m['doubling']['steps']:,} steps per model, IWELBO on {m['doubling']['n_test']:,} "
             f"test images). Non-doubling: the mean of its steps at T = {nd['steps_drawn'][0]} and "
@@ -1926,7 +1931,6 @@ class StopAfterEstimate(Exception):
 
 def stop_after_estimate(message: str) -> None:
     print(message, flush=True)
-    from IPython import get_ipython
     if get_ipython() is not None:
         raise StopAfterEstimate(message)
     sys.exit(0)
@@ -1963,8 +1967,9 @@ for name, state in trained.items():
     assert state.step == config.models()[name].steps
     losses = np.array([row[1] for row in state.history])
     assert np.isfinite(losses).all()
-    if len(losses) >= 4:
-        assert losses[-max(1, len(losses) // 4):].mean() < losses[0], f"{name}: the loss must go down"
+    if len(losses) >= 8:  # a trend needs more than the smoke preset's few steps
+        quarter = len(losses) // 4
+        assert losses[-quarter:].mean() < losses[:quarter].mean(), f"{name}: the loss must go down"
 
 
 # %%
@@ -2092,9 +2097,10 @@ def reconstructions_and_samples(models: dict[str, VAE], images: np.ndarray, conf
     fig, axes = plt.subplots(len(models), 1, figsize=(6.5, 2.9 * len(models)))
     for ax, (name, model) in zip(np.atleast_1d(axes), models.items()):
         mean, logvar = eqx.filter_jit(jax.vmap(lambda m, x_i: m.encoder(x_i), in_axes=(None, 0)))(model, jnp.asarray(x))
-        recon = jax.random.bernoulli(k_bern, jax.nn.sigmoid(decode_batch(model, sample_posterior(k_post, mean, logvar))))
-        prior = jax.random.bernoulli(k_bern, jax.nn.sigmoid(decode_batch(
-            model, jax.random.normal(k_prior, (20, latents[name])))))
+        logits = decode_batch(model, jnp.concatenate([sample_posterior(k_post, mean, logvar),
+                                                      jax.random.normal(k_prior, (20, latents[name]))]))
+        recon = jax.random.bernoulli(k_bern, jax.nn.sigmoid(logits[:10]))
+        prior = jax.random.bernoulli(k_bern, jax.nn.sigmoid(logits[10:]))
         rows = np.concatenate([x[:, 0], np.asarray(recon)[:, 0], np.asarray(prior)[:, 0]]).reshape(4, 10, 32, 32)
         image_grid(ax, rows, f"{name}")
         ax.set_yticks([16, 49, 98])
@@ -2681,19 +2687,19 @@ show_markdown(markdown_table(
 #
 # What this run cost on this machine, measured by the cells above: training wall time (all calls,
 # compilation included, summed over resumed sessions), steady training throughput (median over
-# calls), the time of one forward pass (encode + decode) per image at a batch of 32 on one device,
+# calls), the time of one forward pass (encode + decode) per image at a batch of 30 on one device,
 # and the time of the IWELBO over the evaluated test images. For reference, the replication on a
 # Kaggle TPU v3-8: training 100k steps took 10 min / 40 min / 2.5 h and the IWELBO-128 on the full
 # test set 1.45 s / 162 s / 75 s (baseline / doubling / non-doubling).
 
 # %%
-def forward_seconds_per_image(model: VAE, images: np.ndarray, batch: int = 32, repeats: int = 3) -> float:
-    forward = eqx.filter_jit(lambda m, x: jax.vmap(lambda x_i: m.decoder(m.encoder(x_i)[0]))(x))
+def forward_seconds_per_image(model: VAE, images: np.ndarray, batch: int = 30, repeats: int = 3) -> float:
+    """Encode + decode, at the batch of 30 the reconstruction figure already compiled the decoder for."""
     x = jnp.asarray(images[:batch])
-    forward(model, x).block_until_ready()
+    decode_batch(model, encode_batch(model, x)).block_until_ready()
     started = time.perf_counter()
     for _ in range(repeats):
-        forward(model, x).block_until_ready()
+        decode_batch(model, encode_batch(model, x)).block_until_ready()
     return (time.perf_counter() - started) / (repeats * batch)
 
 
