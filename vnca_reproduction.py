@@ -1594,7 +1594,8 @@ with tempfile.TemporaryDirectory() as scratch:
 # the `full` run will cost, and projects it. For each model at the paper's sizes it compiles the
 # real pmap'd training step (the code above, one optimiser step per call) and times it:
 #
-# - **compile time** of the training step (`lower(...).compile()`);
+# - **compile time** of the training step: its first call's time less its second's (the compiled
+#   step is kept, so training with the same settings and shapes does not compile it again);
 # - **seconds per optimiser step** at the paper's global batch, the median of a few calls after a
 #   warm-up call. Where a step at the paper's batch would take over 30 s (projected from its
 #   arithmetic at a quarter of the matmul peak, then from a timing at 8 images per device), the
@@ -1604,8 +1605,8 @@ with tempfile.TemporaryDirectory() as scratch:
 #   image would take over 5 s (by its arithmetic at a quarter of the matmul peak), timed with one
 #   chunk of importance samples and scaled to 128 (the decoder, run once per sample, is almost
 #   all of the cost);
-# - **memory**: the bytes XLA plans for one device (arguments, outputs and temporaries of the
-#   compiled step), and the device's own peak where the platform reports one (TPU, GPU).
+# - **memory**: the device's peak memory in use so far, where the platform reports it (TPU,
+#   GPU; not the CPU).
 #
 # The projection for a model is compile + 100,000 steps + the IWELBO-128 of 10,000 test images.
 #
@@ -1684,7 +1685,7 @@ print("forward pass, paper sizes: " + ", ".join(
 
 # %% [markdown]
 # The measurement itself. `time_train_step` builds the training state exactly as `train` does,
-# compiles the step, runs it once to warm up and then `repeats` times, feeding each call's
+# calls the step once (compiling it) and once more, then `repeats` times per key, feeding each call's
 # outputs into the next (so it works with donated buffers on TPU/GPU). `call_key_for_steps`
 # picks, for the non-doubling model, a call key whose first step draws the wanted $T$, through
 # the same `drawn_steps` as training.
@@ -1700,16 +1701,6 @@ def device_peak_bytes() -> int | None:
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def planned_bytes(compiled) -> int | None:
-    """Bytes XLA plans for one device: arguments + outputs + temporaries (None if not reported)."""
-    try:
-        memory = compiled.memory_analysis()
-        memory = memory[0] if isinstance(memory, (list, tuple)) else memory
-        return int(memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes)
-    except Exception:  # not every JAX version and platform reports it
-        return None
-
-
 def call_key_for_steps(n_steps: int, config: Config) -> jax.Array:
     """A call key whose first optimiser step draws T = n_steps (the step's shared key is fold_in(key, 0))."""
     for seed in range(10_000):
@@ -1720,11 +1711,12 @@ def call_key_for_steps(n_steps: int, config: Config) -> jax.Array:
 
 
 def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax.Array, mesh: Mesh,
-                    steps_drawn: tuple[int | None, ...] = (None,), budget_s: float = 10.0) -> dict:
+                    steps_drawn: tuple[int | None, ...] = (None,), budget_s: float = 3.0) -> dict:
     """Compile time, seconds per optimiser step and memory of `name`'s pmap'd step at global `batch`.
 
-    One compilation; after a warm-up call, each entry of steps_drawn (a non-doubling T, or None for
-    the configured seed's key) is timed as the median of up to 5 calls within about budget_s."""
+    Compile time is the first call's time less the second's. Then each entry of steps_drawn (a
+    non-doubling T, or None for the seed's key) is timed as the median of up to 5 calls within
+    about budget_s (at least one)."""
     settings = config.models()[name]
     model = make_model(name, settings.latent, config, jax.random.PRNGKey(config.seed))
     optimizer = make_optimizer(config)
@@ -1735,27 +1727,26 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
                                            n_devices, per_device(batch, f"{name} batch")), mesh)
     keys = [call_key_for_steps(t, config) if t else jax.random.PRNGKey(config.seed) for t in steps_drawn]
     train_step = train_step_for(name, config)
-    started = time.perf_counter()
-    compiled = train_step.lower(*state, train_on_devices, indices, keys[0]).compile()
-    compile_s = time.perf_counter() - started
 
     def call(state, key):
         started = time.perf_counter()
-        *state, metrics = compiled(*state, train_on_devices, indices, key)
+        *state, metrics = train_step(*state, train_on_devices, indices, key)
         assert np.isfinite(np.asarray(metrics)).all(), f"{name}: non-finite loss while timing"
-        return state, (time.perf_counter() - started) / config.inner_steps
+        return state, time.perf_counter() - started
 
-    state, warm_up = call(state, keys[0])
-    repeats = max(1, min(5, int(budget_s / (warm_up * config.inner_steps * len(keys)))))
+    state, first = call(state, keys[0])  # compiles (the compiled step is kept for training), then runs
+    state, second = call(state, keys[0])
+    repeats = max(1, min(5, int(budget_s / (second * len(keys)))))
     step_s = []
     for key in keys:
         seconds = []
         for _ in range(repeats):
             state, s = call(state, key)
-            seconds.append(s)
+            seconds.append(s / config.inner_steps)
         step_s.append(float(np.median(seconds)))
-    return {"batch": batch, "compile_s": compile_s, "step_s": float(np.mean(step_s)), "step_s_each": step_s,
-            "steps_drawn": list(steps_drawn), "planned_bytes": planned_bytes(compiled)}
+    return {"batch": batch, "compile_s": max(first - second, 0.0), "step_s": float(np.mean(step_s)),
+            "step_s_each": step_s,
+            "steps_drawn": list(steps_drawn), "device_peak_bytes": device_peak_bytes()}
 
 
 def iwelbo_seconds_per_image(name: str, config: Config, peak: float, test_on_devices: jax.Array, mesh: Mesh,
@@ -1802,7 +1793,7 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
     flops = flop_per_step / step_s
     iwelbo_s, iwelbo_timed = iwelbo_seconds_per_image(name, target, peak, test_on_devices, mesh)
     cost = {"latent": settings.latent, "batch": settings.batch, "timed_batch": timing["batch"],
-            "compile_s": timing["compile_s"], "step_s": step_s, "planned_bytes": timing["planned_bytes"],
+            "compile_s": timing["compile_s"], "step_s": step_s, "device_peak_bytes": timing["device_peak_bytes"],
             "forward_gmac": forward_macs(name, settings.latent, target) / 1e9,
             "train_flops_per_device": flops, "efficiency": flops / peak,
             "iwelbo_s_per_image": iwelbo_s, "iw_samples": target.iw_samples, "iw_samples_timed": iwelbo_timed,
@@ -1819,9 +1810,13 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
 
 def lever_costs(target: Config, models: dict, train_on_devices, mesh, log) -> list[dict]:
     """Step times with one setting changed from the target's, at the batch of each model's main timing."""
+    per_device_batch = models["doubling"]["timed_batch"] // n_devices
+    sliced = jax.default_backend() == "cpu" and 0 < target.micro_batch < per_device_batch
     cases = [  # (model, lever, setting of the target, other setting, config with the other setting)
         ("doubling", "decode in micro-batches (CPU only)", f"{target.micro_batch} images", "whole batch",
          dataclasses.replace(target, micro_batch=0)),
+    ] if sliced else []  # with one slice per device, both settings are the same program
+    cases += [
         ("doubling", "jax.checkpoint per NCA step", "on" if target.remat else "off", "off" if target.remat else "on",
          dataclasses.replace(target, remat=not target.remat)),
         ("baseline", "optimiser steps per pmap call", f"{target.inner_steps}", "10",
@@ -1864,13 +1859,13 @@ def estimate_tables(estimate: dict) -> str:
     gib = lambda b: "—" if b is None else f"{b / 2 ** 30:.1f} GiB"
     costs = markdown_table(
         ["model", "forward GMAC/image", "compile", "s/step (batch)", "training GFLOP/s per device",
-         "of matmul peak", f"IWELBO-{m['doubling']['iw_samples']} s/image", "planned memory/device",
+         "of matmul peak", f"IWELBO-{m['doubling']['iw_samples']} s/image", "device memory peak so far",
          "projected: training", "IWELBO", "total"],
         [[name, f"{c['forward_gmac']:.2f}", f"{c['compile_s']:.1f} s",
           f"{c['step_s']:.3f} ({c['batch']}" + ("" if c["timed_batch"] == c["batch"] else f", timed at {c['timed_batch']}") + ")",
           f"{c['train_flops_per_device'] / 1e9:.1f}", f"**{c['efficiency']:.0%}**",
           f"{c['iwelbo_s_per_image']:.3f}" + ("" if c["iw_samples_timed"] == c["iw_samples"] else f" (timed with {c['iw_samples_timed']})"),
-          gib(c["planned_bytes"]), duration(c["projected_train_s"]), duration(c["projected_iwelbo_s"]),
+          gib(c["device_peak_bytes"]), duration(c["projected_train_s"]), duration(c["projected_iwelbo_s"]),
           f"**{duration(c['projected_total_s'])}**"] for name, c in m.items()])
     nd = m["nondoubling"]
     ratio = nd["step_s_each"][1] / nd["step_s_each"][0]
@@ -2738,7 +2733,8 @@ else:
     show_markdown(estimate_tables(estimate))
 
 # %% [markdown]
-# **Levers we tried.** The table above measures three of them in the run. The others:
+# **Levers we tried.** The table above measures some of them in the run (micro-batches only where a
+# device's batch is larger than a slice). The others:
 #
 # | lever | kept? | what it gave |
 # |---|---|---|
