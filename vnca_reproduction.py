@@ -194,7 +194,7 @@ class Config:
     clip_norm: float = 10.0
     inner_steps: int = 125  # optimiser steps per pmap call (a lax.scan inside the step)
     remat: bool = True  # jax.checkpoint each NCA step (memory for compute)
-    micro_batch: int = 8  # on CPU, baseline/doubling decode this many images at a time (0: the whole batch)
+    micro_batch: int = 2  # on CPU, the doubling model decodes this many images at a time (0: the whole batch)
     iw_samples: int = 128  # importance samples for the IWELBO
     iw_chunk: int = 16  # importance samples decoded at once
     eval_batch: int = 8  # test images per device per evaluation call
@@ -910,7 +910,10 @@ class UpdateNet(eqx.Module):
 
 def grow(update: UpdateNet, z: jax.Array, n_steps: int, *, remat: bool = False,
          keep_states: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """Apply z <- z + u(z) n_steps times with lax.scan; also return every state if keep_states."""
+    """Apply z <- z + u(z) n_steps times with lax.scan; also return every state if keep_states.
+
+    remat: the backward pass recomputes each step from the state entering it instead of storing
+    the step's intermediate values."""
     def step(state, _):
         new = state + update(state)
         return new, (new if keep_states else None)
@@ -947,6 +950,10 @@ assert double(_z).shape == (12, 8, 5) and (double(_z)[1::2, ::2] == _z).all()
 # scan of $T_{min}$ steps, then for each bit a scan of $2^b$ steps under `lax.cond`, which runs
 # only when that bit is set. The cost follows $T$, gradients flow through `lax.cond`, and only
 # $1 + \lceil \log_2 (T_{max} - T_{min} + 1) \rceil$ scans are compiled.
+#
+# **Memory.** With `remat` (on in the `full` preset), each NCA step is wrapped in `jax.checkpoint`:
+# the backward pass keeps only the state entering each step and recomputes the step from it
+# (section 10 says what the alternatives cost).
 #
 # Both decoders expose `seed` (latent -> first state), `grow` (state -> final state, optionally
 # every intermediate state) and `logits` (state -> image logits), so that pool training and the
@@ -1263,10 +1270,11 @@ def start_from_pool(seeds: jax.Array, pool_states: jax.Array, taken: jax.Array) 
 # ### The batch losses
 #
 # Each model's loss for one device's batch: minus the mean ELBO. The baseline and doubling
-# models use `elbo` as it stands. On a CPU they decode the batch `micro_batch` images at a time
-# (a `lax.map` over slices of the batch): the same images, keys and mean, so the same loss and
-# gradient, but each slice's activations stay in the processor's cache (measured in the cost
-# estimate below). The non-doubling loss draws $T$ for the batch (the same on all images of the
+# models use `elbo` as it stands. On a CPU the doubling model decodes the batch `micro_batch`
+# images at a time (a `lax.map` over slices of the batch): the same images, keys and mean, so the
+# same loss and gradient, but a slice's 32x32 grids of 256-channel cells stay in the processor's
+# cache (measured in the cost estimate below). The baseline's layers are small, and it is faster
+# with its whole batch at once. The non-doubling loss draws $T$ for the batch (the same on all images of the
 # device's batch), mixes in the pool, and returns the refreshed pool. All three share one
 # signature, `(model, x, key, shared_key, pool) -> (loss, (kl, pool))`.
 
@@ -1311,7 +1319,7 @@ def make_pool_loss(t_min: int, t_max: int):
 def make_batch_loss(name: str, config: Config) -> Callable:
     if name == "nondoubling":
         return make_pool_loss(config.t_min, config.t_max)
-    return make_plain_loss(config.micro_batch if jax.default_backend() == "cpu" else 0)
+    return make_plain_loss(config.micro_batch if name == "doubling" and jax.default_backend() == "cpu" else 0)
 
 
 # %%
@@ -1398,8 +1406,8 @@ def make_train_step(batch_loss: Callable, optimizer: optax.GradientTransformatio
             step, (model, opt_state, pool), (indices, jnp.arange(indices.shape[0])))
         return model, opt_state, pool, metrics
 
-    donate = (0, 1, 2) if jax.default_backend() != "cpu" else ()  # CPU cannot reuse donated buffers
-    return jax.pmap(train_call, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=donate)
+    # donated: the step updates the model, optimiser state and pool in place instead of copying them
+    return jax.pmap(train_call, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1, 2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1620,8 +1628,9 @@ with tempfile.TemporaryDirectory() as scratch:
 # $$ \text{training FLOP/s per device} = \frac{3 \cdot 2 \cdot \text{MAC}_{\text{forward}} \cdot B}{\text{seconds per step} \cdot n_{\text{devices}}}. $$
 #
 # Its ratio to the FLOP/s of a large float32 matrix product ($2048 \times 2048$, best of ten,
-# measured in the same run on the same device) is the efficiency figure: the share of the
-# hardware's matrix-product speed that training achieves.
+# measured in the same run on the same device, at its start and again at its end, keeping the
+# faster, since a shared machine can have a slow spell) is the efficiency figure: the share of
+# the hardware's matrix-product speed that training achieves.
 #
 # **Levers.** The same measurement, repeated with one setting changed, shows what each lever
 # gives on these devices (table below): decoding the batch in slices of `micro_batch` images
@@ -1684,7 +1693,7 @@ print("forward pass, paper sizes: " + ", ".join(
 # %% [markdown]
 # The measurement itself. `time_train_step` builds the training state exactly as `train` does,
 # calls the step once (compiling it) and once more, then `repeats` times per key, feeding each call's
-# outputs into the next (so it works with donated buffers on TPU/GPU). `call_key_for_steps`
+# outputs into the next (its inputs are donated). `call_key_for_steps`
 # picks, for the non-doubling model, a call key whose first step draws the wanted $T$, through
 # the same `drawn_steps` as training.
 
@@ -1714,7 +1723,7 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
 
     Compile time is the first call's time less the second's. Then each entry of steps_drawn (a
     non-doubling T, or None for the seed's key) is timed as the median of up to 5 calls within
-    about budget_s (at least one)."""
+    about budget_s (at least one); entries that are compared get 5 calls each, taken in turn."""
     settings = config.models()[name]
     model = make_model(name, settings.latent, config, jax.random.PRNGKey(config.seed))
     optimizer = make_optimizer(config)
@@ -1734,14 +1743,13 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
 
     state, first = call(state, keys[0])  # compiles (the compiled step is kept for training), then runs
     state, second = call(state, keys[0])
-    repeats = max(1, min(5, int(budget_s / (second * len(keys)))))
-    step_s = []
-    for key in keys:
-        seconds = []
-        for _ in range(repeats):
+    repeats = 5 if len(keys) > 1 else max(1, min(5, int(budget_s / second)))
+    seconds = [[] for _ in keys]
+    for _ in range(repeats):  # in turn, so that a slow spell of the machine does not favour one entry
+        for key, times in zip(keys, seconds):
             state, s = call(state, key)
-            seconds.append(s / config.inner_steps)
-        step_s.append(float(np.median(seconds)))
+            times.append(s / config.inner_steps)
+    step_s = [float(np.median(times)) for times in seconds]
     return {"batch": batch, "compile_s": max(first - second, 0.0), "step_s": float(np.mean(step_s)),
             "step_s_each": step_s,
             "steps_drawn": list(steps_drawn), "device_peak_bytes": device_peak_bytes()}
@@ -1801,7 +1809,7 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
     cost["projected_total_s"] = cost["projected_train_s"] + cost["projected_iwelbo_s"]
     log(f"{name:12s} compile {cost['compile_s']:5.1f} s   {step_s:8.3f} s/step at batch {settings.batch}"
         + ("" if timing["batch"] == settings.batch else f" (timed at {timing['batch']}, scaled)") + "   "
-        f"{flops / 1e9:6.1f} GFLOP/s = {cost['efficiency']:.0%} of matmul peak   "
+        f"{flops / 1e9:6.1f} GFLOP/s   "
         f"IWELBO-{target.iw_samples} {iwelbo_s:.3f} s/image")
     return cost
 
@@ -1841,6 +1849,11 @@ def estimate_costs(config: Config, train_on_devices: jax.Array, test_on_devices:
     models = {name: model_costs(name, target, peak, train_on_devices, test_on_devices, mesh, log)
               for name in target.models()}
     levers = lever_costs(target, models, train_on_devices, mesh, log)
+    peak = max(peak, matmul_peak())  # measured again at the end: a slow spell of a shared machine lowers one
+    for cost in models.values():
+        cost["efficiency"] = cost["train_flops_per_device"] / peak
+    log(f"matmul peak, best of the start and the end: {peak / 1e9:.1f} GFLOP/s; training steps at "
+        + ", ".join(f"{name} {cost['efficiency']:.0%}" for name, cost in models.items()) + " of it")
     return {"target_preset": target.preset, "measured_in_preset": config.preset,
             "devices": f"{n_devices} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
             "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "matmul_peak_flops": peak,
@@ -2740,21 +2753,27 @@ else:
 # | channels-last layout; 1x1 convolutions as matrix products over the channel axis | yes | built in from the start: every layer is a plain `(cells, C_in) @ (C_in, C_out)` product |
 # | one `lax.scan` per NCA stage, not a Python loop | yes | compile time independent of the number of steps (the doubling step's compile time is in the targets table) |
 # | `grow_for`: exactly $T$ steps via `lax.cond` over the bits of $T - T_{min}$ | yes | cost proportional to $T$ (targets table), with 7 compiled scans instead of one program per value of $T$ |
-# | `jax.checkpoint` policy that keeps matrix-product outputs (`dots_with_no_batch_dims_saveable`) | no | within noise of plain checkpointing on CPU in development |
+# | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$ |
+# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | in development: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2 |
+# | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage in development, within noise |
+# | channels-first NCA state, so that no weight gradient needs a transpose | no | slower in development (39 % on one 32x32 stage): XLA inserted transposes of its own |
 # | larger per-pass batches | no | slower per image on this CPU; the micro-batch lever above goes the other way |
-# | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes, on TPU/GPU | XLA:CPU cannot reuse donated buffers, so not measurable here |
+# | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check on this CPU, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
 # | bfloat16 matrix products | not tried | pays only on TPU/GPU matrix units; with no accelerator here we could not check that the test IWELBO stays within noise, so everything is float32 |
 #
 # **What bounds the doubling step on a CPU.** A training step is about three forward passes of
-# arithmetic, but the backward pass is the expensive part: its weight-gradient products contract
-# over every cell of the batch (a long, thin product that XLA:CPU runs well below the speed of a
-# square one), the data-gradient products have the forward's shapes, and between them sit the
-# element-wise passes (ELU and its derivative, residual sums, the shifted copies of the
-# 3x3 neighbourhoods) that stream activations through memory. With checkpointing, the step also
-# recomputes each NCA step's forward pass. Together this keeps the doubling step well below the
-# 60 % target on the 2-core CPU of the committed estimate, although its forward pass alone
-# reaches a clearly larger share in our development measurements. We had no TPU or GPU to
-# measure; on one, the `full` preset prints this estimate before it trains.
+# arithmetic: the forward products, and two per layer backward. The forward products and the
+# data-gradient products ($\partial L / \partial x = \partial L / \partial y \; W^\top$) go
+# to XLA:CPU's fast matrix library (YNNPACK) and run near the matmul peak in our development
+# measurements. The weight-gradient products ($x^\top \, \partial L / \partial y$) contract over
+# the cells, the first axis of both operands; XLA hands that layout to Eigen, which ran it at
+# 35-70 % of the peak, and an ablation on one 32x32 stage put the weight gradients at about 40 %.
+# The two ways we found to give YNNPACK that product instead (the last two rows above) paid for
+# it with transposes. Between the products sit element-wise passes (ELU and its derivative,
+# residual sums, the shifted copies of the 3x3 neighbourhoods) that stream activations through
+# memory. Together this keeps the doubling step below the 60 % target on the 2-core CPU of the
+# committed estimate. We had no TPU or GPU to measure; on one, the `full` preset prints this
+# estimate before it trains.
 
 
 # %% [markdown]
@@ -2859,7 +2878,8 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   development (the baseline's most); section 10 gives this run's throughput.
 # - *Efficiency on CPU.* Even so, the doubling VNCA's training step uses well under the 60 % of
 #   the CPU's matrix-product speed that we aimed for (section 10 measures it and says what bounds
-#   it); micro-batches and checkpointing helped a little, a larger batch did not.
+#   it); micro-batches of two images helped, while a checkpoint policy that keeps the matrix
+#   products and a larger batch did not.
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
 #   under `lax.cond` gives a cost that follows $T$ at the price of a longer compile.
