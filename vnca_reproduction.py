@@ -2768,8 +2768,8 @@ else:
 # measurements. The weight-gradient products ($x^\top \, \partial L / \partial y$) contract over
 # the cells, the first axis of both operands; XLA hands that layout to Eigen, which ran it at
 # 35-70 % of the peak, and an ablation on one 32x32 stage put the weight gradients at about 40 %.
-# The two ways we found to give YNNPACK that product instead (the last two rows above) paid for
-# it with transposes. Between the products sit element-wise passes (ELU and its derivative,
+# The two ways we found to give YNNPACK that product instead (the custom-VJP and channels-first
+# rows above) paid for it with transposes. Between the products sit element-wise passes (ELU and its derivative,
 # residual sums, the shifted copies of the 3x3 neighbourhoods) that stream activations through
 # memory. Together this keeps the doubling step below the 60 % target on the 2-core CPU of the
 # committed estimate. We had no TPU or GPU to measure; on one, the `full` preset prints this
