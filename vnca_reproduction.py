@@ -1801,7 +1801,7 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
     cost = {"latent": settings.latent, "batch": settings.batch, "timed_batch": timing["batch"],
             "compile_s": timing["compile_s"], "step_s": step_s, "device_peak_bytes": timing["device_peak_bytes"],
             "forward_gmac": forward_macs(name, settings.latent, target) / 1e9,
-            "train_flops_per_device": flops, "efficiency": flops / peak,
+            "train_flops_per_device": flops,  # its share of the matmul peak: set by estimate_costs
             "iwelbo_s_per_image": iwelbo_s, "iw_samples": target.iw_samples, "iw_samples_timed": iwelbo_timed,
             "projected_train_s": timing["compile_s"] + settings.steps * step_s,
             "projected_iwelbo_s": target.n_test * iwelbo_s, "steps": settings.steps, "n_test": target.n_test,
