@@ -138,7 +138,8 @@ import numpy as np
 import optax
 from IPython import get_ipython
 from IPython.display import Markdown, display
-from jax import lax
+from jax import lax, monitoring
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 print(f"python {sys.version.split()[0]} | jax {jax.__version__} | equinox {eqx.__version__} "
@@ -900,7 +901,7 @@ class UpdateNet(eqx.Module):
         self.elu_after_perceive = elu_after_perceive
 
     def __call__(self, z: jax.Array) -> jax.Array:
-        h = self.perceive(z)
+        h = checkpoint_name(self.perceive(z), "perception")  # kept by `grow`'s checkpoint policy
         if self.elu_after_perceive:
             h = jax.nn.elu(h)
         for first, second in self.blocks:
@@ -912,13 +913,13 @@ def grow(update: UpdateNet, z: jax.Array, n_steps: int, *, remat: bool = False,
          keep_states: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """Apply z <- z + u(z) n_steps times with lax.scan; also return every state if keep_states.
 
-    remat: the backward pass recomputes each step from the state entering it instead of storing
-    the step's intermediate values."""
+    remat: the backward pass recomputes each step from the state entering it and the output of
+    its 3x3 perception, instead of storing all of the step's intermediate values."""
     def step(state, _):
         new = state + update(state)
         return new, (new if keep_states else None)
     if remat:
-        step = jax.checkpoint(step)
+        step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names("perception"))
     return lax.scan(step, z, None, length=n_steps)
 
 
@@ -952,8 +953,11 @@ assert double(_z).shape == (12, 8, 5) and (double(_z)[1::2, ::2] == _z).all()
 # $1 + \lceil \log_2 (T_{max} - T_{min} + 1) \rceil$ scans are compiled.
 #
 # **Memory.** With `remat` (on in the `full` preset), each NCA step is wrapped in `jax.checkpoint`:
-# the backward pass keeps only the state entering each step and recomputes the step from it
-# (section 10 says what the alternatives cost).
+# the backward pass keeps the state entering each step and the output of the step's 3x3
+# perception (named with `checkpoint_name`), and recomputes the rest of the step from them. The
+# perception is the step's largest matrix product (half of a doubling step's arithmetic), while its
+# output is no larger than the state; its input, the 9x larger stack of neighbourhoods, is
+# recomputed by copying. Section 10 says what the alternatives cost.
 #
 # Both decoders expose `seed` (latent -> first state), `grow` (state -> final state, optionally
 # every intermediate state) and `logits` (state -> image logits), so that pool training and the
@@ -1602,8 +1606,10 @@ with tempfile.TemporaryDirectory() as scratch:
 # the `full` run will cost, and projects it. For each model at the paper's sizes it compiles the
 # real pmap'd training step (the code above, one optimiser step per call) and times it:
 #
-# - **compile time** of the training step: its first call's time less its second's (the compiled
-#   step is kept, so training with the same settings and shapes does not compile it again);
+# - **compile time** of the training step: the tracing, lowering and XLA compilation of its first
+#   call, as JAX reports them through `jax.monitoring` (where a JAX version reports none: the first
+#   call's time less the second's, which also counts the first run's allocations). The compiled
+#   step is kept, so training with the same settings and shapes does not compile it again;
 # - **seconds per optimiser step** at the paper's global batch, the median of a few calls after a
 #   warm-up call. Where a step at the paper's batch would take over 30 s (projected from its
 #   arithmetic at a quarter of the matmul peak, then from a timing at 8 images per device), the
@@ -1703,6 +1709,12 @@ PROBE_PER_DEVICE = 8  # images per device of that smaller batch
 ASSUMED_EFFICIENCY = 0.25  # for the first projection, from the arithmetic alone
 
 
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+compile_log: list[tuple[str, float]] = []  # (event, seconds): JAX reports every trace, lowering and compile
+monitoring.register_event_duration_secs_listener(lambda event, seconds, **_: compile_log.append((event, seconds)))
+
+
 def device_peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
@@ -1721,7 +1733,8 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
                     steps_drawn: tuple[int | None, ...] = (None,), budget_s: float = 3.0) -> dict:
     """Compile time, seconds per optimiser step and memory of `name`'s pmap'd step at global `batch`.
 
-    Compile time is the first call's time less the second's. Then each entry of steps_drawn (a
+    Compile time is what JAX reports for the first call's tracing, lowering and XLA compilation,
+    or, where it reports none, the first call's time less the second's. Then each entry of steps_drawn (a
     non-doubling T, or None for the seed's key) is timed as the median of up to 5 calls within
     about budget_s (at least one); entries that are compared get 5 calls each, taken in turn."""
     settings = config.models()[name]
@@ -1741,7 +1754,9 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
         assert np.isfinite(np.asarray(metrics)).all(), f"{name}: non-finite loss while timing"
         return state, time.perf_counter() - started
 
+    logged = len(compile_log)
     state, first = call(state, keys[0])  # compiles (the compiled step is kept for training), then runs
+    compiling = sum(seconds for event, seconds in compile_log[logged:] if event in COMPILE_EVENTS)
     state, second = call(state, keys[0])
     repeats = 5 if len(keys) > 1 else max(1, min(5, int(budget_s / second)))
     seconds = [[] for _ in keys]
@@ -1750,7 +1765,7 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
             state, s = call(state, key)
             times.append(s / config.inner_steps)
     step_s = [float(np.median(times)) for times in seconds]
-    return {"batch": batch, "compile_s": max(first - second, 0.0), "step_s": float(np.mean(step_s)),
+    return {"batch": batch, "compile_s": compiling or max(first - second, 0.0), "step_s": float(np.mean(step_s)),
             "step_s_each": step_s,
             "steps_drawn": list(steps_drawn), "device_peak_bytes": device_peak_bytes()}
 
@@ -2745,7 +2760,11 @@ else:
 
 # %% [markdown]
 # **Levers we tried.** The table above measures some of them in the run (micro-batches only where a
-# device's batch is larger than a slice). The others:
+# device's batch is larger than a slice). The others were measured during development on two
+# 2-core machines: an AMD Zen 5 (matmul peak about 450-470 GFLOP/s), where the earlier estimates
+# ran, and the Intel Xeon with AVX-512 (300-370 GFLOP/s, varying over minutes) that ran the
+# committed one. "Zen" or "Xeon" says which. "One 32x32 stage" is a gradient through 8 NCA
+# steps of 2 images at latent 256, the bulk of a doubling training step.
 #
 # | lever | kept? | what it gave |
 # |---|---|---|
@@ -2753,12 +2772,16 @@ else:
 # | channels-last layout; 1x1 convolutions as matrix products over the channel axis | yes | built in from the start: every layer is a plain `(cells, C_in) @ (C_in, C_out)` product |
 # | one `lax.scan` per NCA stage, not a Python loop | yes | compile time independent of the number of steps (the doubling step's compile time is in the targets table) |
 # | `grow_for`: exactly $T$ steps via `lax.cond` over the bits of $T - T_{min}$ | yes | cost proportional to $T$ (targets table), with 7 compiled scans instead of one program per value of $T$ |
-# | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$ |
-# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | in development: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2 |
-# | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage in development, within noise |
-# | channels-first NCA state, so that no weight gradient needs a transpose | no | slower in development (39 % on one 32x32 stage): XLA inserted transposes of its own |
-# | larger per-pass batches | no | slower per image on this CPU; the micro-batch lever above goes the other way |
-# | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check on this CPU, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
+# | `jax.checkpoint` keeps the 3x3 perception's output (`checkpoint_name` + `save_only_these_names`) instead of recomputing the whole step | yes | Xeon: doubling step at batch 32 15.4 s instead of 16.6-17.5 s (two runs), compiled as fast (7.8 s in XLA both ways); one 32x32 stage 625-706 ms instead of 734-780 ms. Non-doubling: T=64 still costs about twice T=32 (targets table) |
+# | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | Zen, doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$ |
+# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2 |
+# | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | Zen: XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage, within noise |
+# | a custom VJP for `Dense` that writes the weight gradient as one contraction over all cells, $x^\top \partial L/\partial y$, with no transposes | no | Xeon: 5-8 % faster on one 32x32 stage run as a batch; but our layers run per image under `jax.vmap`, and there it was slower (690-718 ms instead of 664 ms). Keeping it would mean writing the NCA on batches instead of single images |
+# | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
+# | channels-first NCA state, so that no weight gradient needs a transpose | no | Zen: slower (39 % on one 32x32 stage): XLA inserted transposes of its own |
+# | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. That trades compile seconds for the baseline's step time, 100,000 times |
+# | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
+# | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (Zen, JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
 # | bfloat16 matrix products | not tried | pays only on TPU/GPU matrix units; with no accelerator here we could not check that the test IWELBO stays within noise, so everything is float32 |
 #
 # **What bounds the doubling step on a CPU.** A training step is about three forward passes of
@@ -2767,13 +2790,24 @@ else:
 # to XLA:CPU's fast matrix library (YNNPACK) and run near the matmul peak in our development
 # measurements. The weight-gradient products ($x^\top \, \partial L / \partial y$) contract over
 # the cells, the first axis of both operands; XLA hands that layout to Eigen, which ran it at
-# 35-70 % of the peak, and an ablation on one 32x32 stage put the weight gradients at about 40 %.
-# The two ways we found to give YNNPACK that product instead (the custom-VJP and channels-first
-# rows above) paid for it with transposes. Between the products sit element-wise passes (ELU and its derivative,
-# residual sums, the shifted copies of the 3x3 neighbourhoods) that stream activations through
-# memory. Together this keeps the doubling step below the 60 % target on the 2-core CPU of the
-# committed estimate. We had no TPU or GPU to measure; on one, the `full` preset prints this
-# estimate before it trains.
+# 35-70 % of the peak on the Zen machine (an ablation on one 32x32 stage put the weight gradients
+# at about 40 %) and at 71 % on the Xeon (the perception's weight gradient, isolated). The ways we
+# found to give YNNPACK or oneDNN that product instead (the custom-VJP, oneDNN and channels-first
+# rows above) paid for it with transposes, gave no gain under `jax.vmap`, or need experimental
+# flags. Three more things keep the step under the matmul peak:
+# - *Recomputation.* With `jax.checkpoint`, the backward pass recomputes each step's per-cell
+#   layers: half of a doubling step's products once more. A training step so does about 3.5
+#   forward passes' worth of products, while the efficiency counts 3; that alone caps it at 86 %.
+# - *Element-wise passes.* Between the products sit passes that stream activations through memory:
+#   ELU and its derivative, residual sums, the shifted copies of the 3x3 neighbourhoods and, in
+#   the backward pass, the sums that undo them. In a profile of one 32x32 stage on the Xeon they
+#   took about 30 % of the time; the matrix products took the rest.
+# - *Small products.* A step's 1x1 layers are products of 2048 cells by 256 by 256 per
+#   micro-batch; in that profile they ran at about 70 % of the peak.
+#
+# Together this keeps the doubling step below the 60 % target on the 2-core CPU of the committed
+# estimate. We had no TPU or GPU to measure; on one, the `full` preset prints this estimate
+# before it trains.
 
 
 # %% [markdown]
@@ -2878,8 +2912,8 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   development (the baseline's most); section 10 gives this run's throughput.
 # - *Efficiency on CPU.* Even so, the doubling VNCA's training step uses well under the 60 % of
 #   the CPU's matrix-product speed that we aimed for (section 10 measures it and says what bounds
-#   it); micro-batches of two images helped, while a checkpoint policy that keeps the matrix
-#   products and a larger batch did not.
+#   it). Micro-batches of two images helped, and so did a checkpoint policy that keeps only the
+#   3x3 perception's output; a policy that keeps every matrix product, and a larger batch, did not.
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
 #   under `lax.cond` gives a cost that follows $T$ at the price of a longer compile.
