@@ -704,7 +704,11 @@ assert not (_later[:, 15:20] == _idx[:, :5]).all(), "each epoch must be a new pe
 # **Layers.** `Conv` is a 2-D convolution with bias; a transposed convolution with stride 2 is
 # the same convolution over an input spread out by 2 (zeros between pixels).
 # `Dense` is a matrix product over the last axis: a linear layer on a vector and, on a grid of
-# cells, exactly a 1x1 convolution.
+# cells, exactly a 1x1 convolution. `Dense` and `Conv` store their weights as PyTorch's linear and
+# convolution layers do, one row per output channel, and compute $x W^\top + b$. The orientation
+# is not cosmetic: in this one, XLA:CPU writes the weight gradient $(\partial L/\partial y)^\top x$
+# directly in the weight's shape and hands it to its fast matrix library (section 10 measures the
+# difference).
 #
 # **Written for speed on every backend.** XLA:CPU's convolution is slow in the shapes these
 # models have: on small grids with many channels (the encoder's 256 -> 512 convolution on a 4x4
@@ -721,17 +725,17 @@ def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Ar
 
 
 class Dense(eqx.Module):
-    """x @ W + b over the last axis: a linear layer, or a 1x1 convolution on a (H, W, C) grid."""
-    weight: jax.Array  # (in, out)
+    """x @ W^T + b over the last axis: a linear layer, or a 1x1 convolution on a (H, W, C) grid."""
+    weight: jax.Array  # (out, in), as PyTorch stores it
     bias: jax.Array  # (out,)
 
     def __init__(self, n_in: int, n_out: int, *, key: jax.Array, zero: bool = False):
         k_w, k_b = jax.random.split(key)
-        self.weight = jnp.zeros((n_in, n_out)) if zero else torch_uniform(k_w, (n_in, n_out), n_in)
+        self.weight = jnp.zeros((n_out, n_in)) if zero else torch_uniform(k_w, (n_out, n_in), n_in)
         self.bias = jnp.zeros((n_out,)) if zero else torch_uniform(k_b, (n_out,), n_in)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ self.weight + self.bias
+        return x @ self.weight.T + self.bias
 
 
 def neighbourhoods(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
@@ -743,7 +747,7 @@ def neighbourhoods(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
 
 class Conv(eqx.Module):
     """A k x k convolution with bias on one (H, W, C_in) image, as one matmul ("im2col")."""
-    weight: jax.Array  # (k, k, in, out): HWIO
+    weight: jax.Array  # (out, k, k, in): OHWI, one row per output channel, like Dense
     bias: jax.Array
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
@@ -752,14 +756,14 @@ class Conv(eqx.Module):
                  padding: int = 0, fan_in: int | None = None):
         k_w, k_b = jax.random.split(key)
         fan_in = fan_in or n_in * kernel * kernel
-        self.weight = torch_uniform(k_w, (kernel, kernel, n_in, n_out), fan_in)
+        self.weight = torch_uniform(k_w, (n_out, kernel, kernel, n_in), fan_in)
         self.bias = torch_uniform(k_b, (n_out,), fan_in)
         self.stride, self.padding = stride, padding
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        p, k = self.padding, self.weight.shape[0]
+        p, k = self.padding, self.weight.shape[1]
         windows = neighbourhoods(jnp.pad(x, ((p, p), (p, p), (0, 0))), k, self.stride)
-        return windows @ self.weight.reshape(-1, self.weight.shape[-1]) + self.bias
+        return windows @ self.weight.reshape(self.weight.shape[0], -1).T + self.bias
 
 
 class UpConv(eqx.Module):
@@ -783,16 +787,16 @@ class UpConv(eqx.Module):
         taps = jnp.array([[0, 2, 4], [5, 1, 3]])  # [parity][neighbour]; tap 5 is a zero row
         padded = jnp.pad(self.weight, ((0, 1), (0, 1), (0, 0), (0, 0)))
         kernel = padded[taps[:, None, :, None], taps[None, :, None, :]]  # (2, 2, 3, 3, in, out)
-        kernel = kernel.transpose(2, 3, 4, 0, 1, 5).reshape(9 * c, -1)  # rows (dy, dx, in), cols (py, px, out)
-        y = neighbourhoods(jnp.pad(x, ((1, 1), (1, 1), (0, 0))), 3) @ kernel  # (H, W, 4 * out)
+        kernel = kernel.transpose(0, 1, 5, 2, 3, 4).reshape(-1, 9 * c)  # rows (py, px, out), cols (dy, dx, in)
+        y = neighbourhoods(jnp.pad(x, ((1, 1), (1, 1), (0, 0))), 3) @ kernel.T  # (H, W, 4 * out)
         y = y.reshape(h, w, 2, 2, -1).transpose(0, 2, 1, 3, 4).reshape(2 * h, 2 * w, -1)
         return y + self.bias
 
 
 # %%
-def reference_conv(weight, bias, x, stride=1, padding=(0, 0), dilation=1) -> jax.Array:
+def reference_conv(weight, bias, x, stride=1, padding=(0, 0), dilation=1, layout="OHWI") -> jax.Array:
     y = lax.conv_general_dilated(x[None], weight, (stride,) * 2, (padding,) * 2, lhs_dilation=(dilation,) * 2,
-                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                 dimension_numbers=("NHWC", layout, "NHWC"))
     return y[0] + bias
 
 
@@ -801,7 +805,7 @@ for _conv, _expected in [
         (Conv(5, 7, 3, key=jax.random.PRNGKey(1), padding=1), dict(padding=(1, 1))),  # NCA perception
         (Conv(5, 7, 5, key=jax.random.PRNGKey(2), stride=2, padding=2), dict(stride=2, padding=(2, 2))),  # encoder
         (Conv(5, 1, 5, key=jax.random.PRNGKey(4)), dict()),  # the baseline's last layer
-        (UpConv(5, 7, key=jax.random.PRNGKey(3)), dict(padding=(2, 3), dilation=2))]:  # transposed, stride 2
+        (UpConv(5, 7, key=jax.random.PRNGKey(3)), dict(padding=(2, 3), dilation=2, layout="HWIO"))]:  # transposed, stride 2
     _reference = reference_conv(_conv.weight, _conv.bias, _x, **_expected)
     assert _conv(_x).shape == _reference.shape, (_conv(_x).shape, _reference.shape)
     assert jnp.allclose(_conv(_x), _reference, atol=1e-4), "im2col must equal lax.conv"
@@ -1466,7 +1470,8 @@ class TrainState(NamedTuple):
 
 def fingerprint(name: str, config: Config) -> dict:
     settings = config.models()[name]
-    return {"model": name, "preset": config.preset, "latent": settings.latent, "batch": settings.batch,
+    return {"format": 2,  # 2: weights stored (out, in), as PyTorch does; format 1 stored them (in, out)
+            "model": name, "preset": config.preset, "latent": settings.latent, "batch": settings.batch,
             "learning_rate": config.learning_rate, "clip_norm": config.clip_norm, "seed": config.seed,
             "n_train": config.n_train, "pool_size": config.pool_size if name == "nondoubling" else 0,
             "t_range": [config.t_min, config.t_max] if name == "nondoubling" else None,
@@ -2769,17 +2774,18 @@ else:
 # | lever | kept? | what it gave |
 # |---|---|---|
 # | convolutions as one im2col matrix product (section 4) instead of `lax.conv_general_dilated` | yes | on XLA:CPU, inside `lax.scan`, orders of magnitude faster in our development measurements; on TPU/GPU both are matrix-unit work |
-# | channels-last layout; 1x1 convolutions as matrix products over the channel axis | yes | built in from the start: every layer is a plain `(cells, C_in) @ (C_in, C_out)` product |
+# | channels-last layout; 1x1 convolutions as matrix products over the channel axis | yes | built in from the start: every layer is one `(cells, C_in)` by weight product |
+# | weights stored `(C_out, C_in)` as PyTorch does, layers computing $x W^\top$, instead of `(C_in, C_out)` and $x W$ | yes | Xeon: the weight gradient then comes out as $(\partial L/\partial y)^\top x$ in the weight's own shape, which XLA:CPU ran at 88-95 % of the peak instead of 58-74 % (the perception's and a 1x1 layer's, isolated); forward and data-gradient products ran as fast either way. One 32x32 stage: 623-629 ms instead of 687-704 ms; doubling step at batch 32: 14.5-14.9 s (two runs) instead of 15.5-15.7 s (one run), 52-55 % of the peak instead of 48-49 % |
 # | one `lax.scan` per NCA stage, not a Python loop | yes | compile time independent of the number of steps (the doubling step's compile time is in the targets table) |
 # | `grow_for`: exactly $T$ steps via `lax.cond` over the bits of $T - T_{min}$ | yes | cost proportional to $T$ (targets table), with 7 compiled scans instead of one program per value of $T$ |
-# | `jax.checkpoint` keeps the 3x3 perception's output (`checkpoint_name` + `save_only_these_names`) instead of recomputing the whole step | yes | Xeon: doubling step at batch 32 15.4 s instead of 16.6-17.5 s (two runs), compiled as fast (7.8 s in XLA both ways); one 32x32 stage 625-706 ms instead of 734-780 ms. Non-doubling: T=64 still costs about twice T=32 (targets table) |
-# | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | Zen, doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$ |
+# | `jax.checkpoint` keeps the 3x3 perception's output (`checkpoint_name` + `save_only_these_names`) instead of recomputing the whole step | yes | Xeon: doubling step at batch 32 15.4 s instead of 16.6-17.5 s (two runs), compiled as fast (7.8 s in XLA both ways); one 32x32 stage 625-706 ms instead of 734-780 ms. Non-doubling: T=64 still costs about twice T=32 (targets table). Keeping the 3x3 neighbourhood stack as well (9 times the state, so the backward pass need not rebuild it): slower, 664-692 ms instead of 607-619 ms on one 32x32 stage (Xeon) |
+# | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | Zen, doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$. Xeon, with weights `(C_out, C_in)`: one 32x32 stage 611-633 ms instead of 618-651 ms, the doubling step at batch 32 14.8-14.9 s both ways |
 # | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2 |
 # | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | Zen: XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage, within noise |
 # | a custom VJP for `Dense` that writes the weight gradient as one contraction over all cells, $x^\top \partial L/\partial y$, with no transposes | no | Xeon: 5-8 % faster on one 32x32 stage run as a batch; but our layers run per image under `jax.vmap`, and there it was slower (690-718 ms instead of 664 ms). Keeping it would mean writing the NCA on batches instead of single images |
 # | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
 # | channels-first NCA state, so that no weight gradient needs a transpose | no | Zen: slower (39 % on one 32x32 stage): XLA inserted transposes of its own |
-# | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. That trades compile seconds for the baseline's step time, 100,000 times |
+# | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. Writing each stride-2 convolution as a 3x3 convolution over 2x2 space-to-depth blocks (9 copies instead of 25, the kernel padded to 6x6) compiled the gradient in 1.4-1.7 s instead of 2.3-2.7 s, but it ran 3.2x slower for 2 images and 1.7x slower for 32. That trades compile seconds for the baseline's step time, 100,000 times |
 # | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
 # | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (Zen, JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
 # | bfloat16 matrix products | not tried | pays only on TPU/GPU matrix units; with no accelerator here we could not check that the test IWELBO stays within noise, so everything is float32 |
@@ -2788,26 +2794,31 @@ else:
 # arithmetic: the forward products, and two per layer backward. The forward products and the
 # data-gradient products ($\partial L / \partial x = \partial L / \partial y \; W^\top$) go
 # to XLA:CPU's fast matrix library (YNNPACK) and run near the matmul peak in our development
-# measurements. The weight-gradient products ($x^\top \, \partial L / \partial y$) contract over
-# the cells, the first axis of both operands; XLA hands that layout to Eigen, which ran it at
-# 35-70 % of the peak on the Zen machine (an ablation on one 32x32 stage put the weight gradients
-# at about 40 %) and at 71 % on the Xeon (the perception's weight gradient, isolated). The ways we
-# found to give YNNPACK or oneDNN that product instead (the custom-VJP, oneDNN and channels-first
-# rows above) paid for it with transposes, gave no gain under `jax.vmap`, or need experimental
-# flags. Three more things keep the step under the matmul peak:
+# measurements. The weight-gradient products contract over the cells, the first axis of both
+# operands. With weights stored `(C_in, C_out)` they came out as $x^\top \, \partial L / \partial y$
+# and ran at 35-74 % of the peak (Zen and Xeon); stored `(C_out, C_in)`, as now, they come out as
+# $(\partial L / \partial y)^\top x$ and ran at 88-95 % on the Xeon, isolated (the other weight-gradient
+# rows above were earlier attempts at the same gain). Three things still keep the step under the
+# matmul peak:
 # - *Recomputation.* With `jax.checkpoint`, the backward pass recomputes each step's per-cell
 #   layers: half of a doubling step's products once more. A training step so does about 3.5
 #   forward passes' worth of products, while the efficiency counts 3; that alone caps it at 86 %.
 # - *Element-wise passes.* Between the products sit passes that stream activations through memory:
 #   ELU and its derivative, residual sums, the shifted copies of the 3x3 neighbourhoods and, in
 #   the backward pass, the sums that undo them. In a profile of one 32x32 stage on the Xeon they
-#   took about 30 % of the time; the matrix products took the rest.
+#   took about 22 % of the time; the matrix products took the rest.
 # - *Small products.* A step's 1x1 layers are products of 2048 cells by 256 by 256 per
-#   micro-batch; in that profile they ran at about 70 % of the peak.
+#   micro-batch. Alone, such a product ran at 86-93 % of the peak, a residual block's gradient at
+#   82 %; inside the profiled stage they ran at about 60 %.
 #
-# Together this keeps the doubling step below the 60 % target on the 2-core CPU of the committed
-# estimate. We had no TPU or GPU to measure; on one, the `full` preset prints this estimate
-# before it trains.
+# With all three, one 32x32 stage (three quarters of the doubling step's arithmetic) ran at
+# 57-62 % of the peak on the Xeon. The smaller stages do worse (of 2 images: 8x8 at 43 %, 4x4 at
+# 28 %), and the encoder, loss and update add a few per cent of the step's time; together this
+# keeps the doubling step below the 60 % target on the 2-core CPU of the committed estimate.
+# Running the small stages on the whole batch instead of in micro-batches would save, from these
+# stage timings, about 3 % of the step: not enough to reach the target, so we kept the simpler
+# code. We had no TPU or GPU to measure; on one, the `full` preset prints this estimate before it
+# trains.
 
 
 # %% [markdown]
@@ -2910,10 +2921,11 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   convolution as one matrix product, and the transposed convolutions by their four output
 #   parities, made the training steps several times faster when we measured them during
 #   development (the baseline's most); section 10 gives this run's throughput.
-# - *Efficiency on CPU.* Even so, the doubling VNCA's training step uses well under the 60 % of
+# - *Efficiency on CPU.* Even so, the doubling VNCA's training step stays below the 60 % of
 #   the CPU's matrix-product speed that we aimed for (section 10 measures it and says what bounds
 #   it). Micro-batches of two images helped, and so did a checkpoint policy that keeps only the
-#   3x3 perception's output; a policy that keeps every matrix product, and a larger batch, did not.
+#   3x3 perception's output and weights stored one row per output channel; a policy that keeps
+#   every matrix product, and a larger batch, did not.
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
 #   under `lax.cond` gives a cost that follows $T$ at the price of a longer compile.
