@@ -1716,8 +1716,9 @@ ASSUMED_EFFICIENCY = 0.25  # for the first projection, from the arithmetic alone
 
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-compile_log: list[tuple[str, float]] = []  # (event, seconds): JAX reports every trace, lowering and compile
-monitoring.register_event_duration_secs_listener(lambda event, seconds, **_: compile_log.append((event, seconds)))
+compile_log: list[float] = []  # seconds of every trace, lowering and XLA compilation that JAX reports
+monitoring.register_event_duration_secs_listener(
+    lambda event, seconds, **_: compile_log.append(seconds) if event in COMPILE_EVENTS else None)
 
 
 def device_peak_bytes() -> int | None:
@@ -1761,7 +1762,7 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
 
     logged = len(compile_log)
     state, first = call(state, keys[0])  # compiles (the compiled step is kept for training), then runs
-    compiling = sum(seconds for event, seconds in compile_log[logged:] if event in COMPILE_EVENTS)
+    compiling = sum(compile_log[logged:])
     state, second = call(state, keys[0])
     repeats = 5 if len(keys) > 1 else max(1, min(5, int(budget_s / second)))
     seconds = [[] for _ in keys]
