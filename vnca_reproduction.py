@@ -1278,11 +1278,14 @@ def start_from_pool(seeds: jax.Array, pool_states: jax.Array, taken: jax.Array) 
 # ### The batch losses
 #
 # Each model's loss for one device's batch: minus the mean ELBO. The baseline and doubling
-# models use `elbo` as it stands. On a CPU the doubling model decodes the batch `micro_batch`
-# images at a time (a `lax.map` over slices of the batch): the same images, keys and mean, so the
-# same loss and gradient, but a slice's 32x32 grids of 256-channel cells stay in the processor's
-# cache (measured in the cost estimate below). The baseline's layers are small, and it is faster
-# with its whole batch at once. The non-doubling loss draws $T$ for the batch (the same on all images of the
+# models compute `elbo` of each image: they encode the whole batch, draw one posterior sample
+# per image with its own key, as `elbo` does, and decode. On a CPU the doubling model decodes the
+# batch `micro_batch` images at a time (a `lax.map` over slices of the batch): the same images,
+# keys and mean, so the same loss and gradient, but a slice's 32x32 grids of 256-channel cells
+# stay in the processor's cache (measured in the cost estimate below). The encoder stays outside
+# that loop: with it inside, the doubling step took about a second longer to compile and ran no
+# faster (section 10). The baseline's layers are small, and it is faster with its whole batch at
+# once. The non-doubling loss draws $T$ for the batch (the same on all images of the
 # device's batch), mixes in the pool, and returns the refreshed pool. All three share one
 # signature, `(model, x, key, shared_key, pool) -> (loss, (kl, pool))`.
 
@@ -1292,14 +1295,16 @@ def largest_divisor(n: int, at_most: int) -> int:
 
 
 def make_plain_loss(micro_batch: int = 0):
-    """Minus the mean ELBO of a batch, decoded micro_batch images at a time (0: all at once)."""
+    """Minus the mean ELBO of a batch: encoded at once, decoded micro_batch images at a time (0: all at once)."""
     def plain_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool, axis_name=None):
-        keys = jax.random.split(key, len(x))
-        per_image = jax.vmap(lambda x_i, k: elbo(model, x_i, k))
+        mean, logvar = jax.vmap(model.encoder)(x)
+        z = jax.vmap(sample_posterior)(jax.random.split(key, len(x)), mean, logvar)
         chunk = largest_divisor(len(x), micro_batch) if micro_batch else len(x)
         in_slices = lambda a: a.reshape(len(x) // chunk, chunk, *a.shape[1:])
-        elbos, kls = lax.map(lambda xk: per_image(*xk), (in_slices(x), in_slices(keys)))
-        return -elbos.mean(), (kls.mean(), pool)
+        decode_slice = jax.vmap(lambda x_i, z_i: log_bernoulli(x_i, model.decoder(z_i)))
+        log_px = lax.map(lambda xz: decode_slice(*xz), (in_slices(x), in_slices(z))).reshape(-1)
+        kl = kl_to_prior(mean, logvar)
+        return -(log_px - kl).mean(), (kl.mean(), pool)
     return plain_loss
 
 
@@ -1350,6 +1355,8 @@ _x = jnp.asarray(train_images[:8])
 _whole, _sliced = (eqx.filter_value_and_grad(make_plain_loss(b), has_aux=True)(_model, _x, jax.random.PRNGKey(1),
                                                                                   None, ()) for b in (0, 3))
 assert jnp.allclose(_whole[0][0], _sliced[0][0], rtol=1e-5), "micro-batches must give the same loss"
+_elbos = jax.vmap(lambda x_i, k: elbo(_model, x_i, k)[0])(_x, jax.random.split(jax.random.PRNGKey(1), len(_x)))
+assert jnp.allclose(_whole[0][0], -_elbos.mean(), rtol=1e-5), "the batch loss is minus the mean of `elbo`"
 for _a, _b in zip(jax.tree.leaves(_whole[1]), jax.tree.leaves(_sliced[1])):
     assert jnp.allclose(_a, _b, rtol=1e-4, atol=1e-5), "... and the same gradient"
 
@@ -2781,7 +2788,11 @@ else:
 # | `grow_for`: exactly $T$ steps via `lax.cond` over the bits of $T - T_{min}$ | yes | cost proportional to $T$ (targets table), with 7 compiled scans instead of one program per value of $T$ |
 # | `jax.checkpoint` keeps the 3x3 perception's output (`checkpoint_name` + `save_only_these_names`) instead of recomputing the whole step | yes | Xeon: doubling step at batch 32 15.4 s instead of 16.6-17.5 s (two runs), compiled as fast (7.8 s in XLA both ways); one 32x32 stage 625-706 ms instead of 734-780 ms. Non-doubling: T=64 still costs about twice T=32 (targets table). Keeping the 3x3 neighbourhood stack as well (9 times the state, so the backward pass need not rebuild it): slower, 664-692 ms instead of 607-619 ms on one 32x32 stage (Xeon) |
 # | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | Zen, doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$. Xeon, with weights `(C_out, C_in)`: one 32x32 stage 611-633 ms instead of 618-651 ms, the doubling step at batch 32 14.8-14.9 s both ways |
-# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2 |
+# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2. Xeon, doubling step at batch 32, one run per size: 15.8 s in slices of 1, 14.5 s of 2, 13.9 s and 14.6 s of 4 (two runs), 14.8 s of 8, 15.7 s of 16: 4 is within this machine's noise of 2, so we kept 2 |
+# | micro-batches per stage: the doubling model's stages up to 16x16 on 8 images at a time (or on the whole batch), only its 32x32 stage on 2 | no | Xeon: in isolation, the gradient through one stage's 8 NCA steps ran fastest on 8 images per pass for the 8x8 and 16x16 grids (20.0 and 80.4 ms per image, against 31.2 and 93.0 ms on 2) and on 2 for the 32x32 grid (322 ms per image, against 337-340 ms on 4 or 8), which promised about 7 % off the step. In the whole step at batch 32, three runs of each, taken in turn: 13.5-14.1 s (8, then 2), 13.6-13.7 s (whole batch, then 2), 13.3-14.6 s (2 throughout), within the machine's noise |
+# | the encoder run on the whole batch, outside the loop over micro-batches (section 6, "The batch losses") | yes | Xeon, doubling step: XLA compiled it in 7.9-8.2 s (four runs) instead of 8.5-10.0 s (seven runs, 9.2 s on average; tracing and lowering add 1.6 s to both), and it ran as fast (14.4-15.1 s per step at batch 32, against 14.3-14.9 s) |
+# | the encoder's convolutions as `lax.conv_general_dilated` (the encoder on the whole batch, outside the micro-batch loop) | no | Xeon: the doubling step compiled in 7.3-7.5 s instead of 10.6-10.8 s with the im2col encoder inside the loop, but ran at 16.7-17.2 s per step instead of 14.3-14.9 s, and the baseline's step took 3.0 s instead of 0.29 s: XLA:CPU's convolution gradients on these small grids are slow |
+# | a custom VJP that writes each convolution's input gradient as a convolution (the kernel flipped for stride 1; for stride 2, the transposed convolution of `UpConv`) instead of autodiff's sum of shifted copies | no | Xeon: doubling step 20.9 s instead of 14.4 s, and no faster to compile (10.3 s against 9.3 s). Under `jax.vmap` the custom VJP's weight gradient becomes one product per image and a sum, where autodiff contracts over all the images' cells at once |
 # | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | Zen: XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage, within noise |
 # | a custom VJP for `Dense` that writes the weight gradient as one contraction over all cells, $x^\top \partial L/\partial y$, with no transposes | no | Xeon: 5-8 % faster on one 32x32 stage run as a batch; but our layers run per image under `jax.vmap`, and there it was slower (690-718 ms instead of 664 ms). Keeping it would mean writing the NCA on batches instead of single images |
 # | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
