@@ -195,7 +195,9 @@ class Config:
     clip_norm: float = 10.0
     inner_steps: int = 125  # optimiser steps per pmap call (a lax.scan inside the step)
     remat: bool = True  # jax.checkpoint each NCA step (memory for compute)
-    micro_batch: int = 2  # on CPU, the doubling model decodes this many images at a time (0: the whole batch)
+    # on CPU, the doubling model grows its stages up to 16x16 micro_batch[0] images at a time and its
+    # 32x32 stage micro_batch[1] at a time (0: the whole batch at once)
+    micro_batch: tuple[int, int] = (16, 2)
     iw_samples: int = 128  # importance samples for the IWELBO
     iw_chunk: int = 16  # importance samples decoded at once
     eval_batch: int = 8  # test images per device per evaluation call
@@ -981,16 +983,19 @@ class DoublingDecoder(eqx.Module):
     def seed(self, z: jax.Array) -> jax.Array:
         return jnp.broadcast_to(z, (2, 2, z.shape[-1]))
 
+    def stage(self, state: jax.Array, index: int, damage: Damage | None = None, keep_states: bool = False):
+        """Stage `index` (0 ... K): double the grid (except before the first stage), then M NCA steps."""
+        if index > 0:
+            state = double(state)
+        if damage:
+            state = damage(index, state)
+        return grow(self.update, state, self.steps_per_stage, remat=self.remat, keep_states=keep_states)
+
     def grow(self, state: jax.Array, damage: Damage | None = None, keep_states: bool = False):
         """Run all stages; returns the final (32, 32, Z) state and, if asked, each stage's states."""
         stages = []
-        for stage in range(self.n_doublings + 1):
-            if stage > 0:
-                state = double(state)
-            if damage:
-                state = damage(stage, state)
-            state, states = grow(self.update, state, self.steps_per_stage, remat=self.remat,
-                                 keep_states=keep_states)
+        for index in range(self.n_doublings + 1):
+            state, states = self.stage(state, index, damage, keep_states)
             stages.append(states)
         if damage:  # after the last stage, just before the read-out
             state = damage(self.n_doublings + 1, state)
@@ -1280,29 +1285,54 @@ def start_from_pool(seeds: jax.Array, pool_states: jax.Array, taken: jax.Array) 
 # Each model's loss for one device's batch: minus the mean ELBO. The baseline and doubling
 # models compute `elbo` of each image: they encode the whole batch, draw one posterior sample
 # per image with its own key, as `elbo` does, and decode. On a CPU the doubling model decodes the
-# batch `micro_batch` images at a time (a `lax.map` over slices of the batch): the same images,
-# keys and mean, so the same loss and gradient, but a slice's 32x32 grids of 256-channel cells
-# stay in the processor's cache (measured in the cost estimate below). The encoder stays outside
-# that loop: with it inside, the doubling step took about a second longer to compile and ran no
-# faster (section 10). The baseline's layers are small, and it is faster with its whole batch at
-# once. The non-doubling loss draws $T$ for the batch (the same on all images of the
-# device's batch), mixes in the pool, and returns the refreshed pool. All three share one
-# signature, `(model, x, key, shared_key, pool) -> (loss, (kl, pool))`.
+# batch in micro-batches (`decode_in_micro_batches`, a `lax.map` over slices of the batch): its
+# stages up to 16x16 `micro_batch[0]` = 16 images at a time, its 32x32 stage `micro_batch[1]` = 2
+# at a time. The same images, keys and mean, so the same loss and gradient (checked below), but a
+# slice's 32x32 grids of 256-channel cells stay in the processor's cache, while the smaller grids
+# of the early stages make matrix products large enough to run fast (measured in the cost
+# estimate below and in section 10). The encoder stays outside these loops: with it inside, the
+# doubling step took about a second longer to compile and ran no faster (section 10). The
+# baseline's layers are small, and it is faster with its whole batch at once. The non-doubling
+# loss draws $T$ for the batch (the same on all images of the device's batch), mixes in the pool,
+# and returns the refreshed pool. All three share one signature,
+# `(model, x, key, shared_key, pool) -> (loss, (kl, pool))`.
 
 # %%
 def largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
-def make_plain_loss(micro_batch: int = 0):
-    """Minus the mean ELBO of a batch: encoded at once, decoded micro_batch images at a time (0: all at once)."""
+def map_in_slices(f: Callable, xs: jax.Array, size: int) -> jax.Array:
+    """jax.vmap(f)(xs), computed `size` images at a time by a lax.map over slices (0: all at once)."""
+    size = largest_divisor(len(xs), size) if size else len(xs)
+    if size == len(xs):
+        return jax.vmap(f)(xs)
+    ys = lax.map(jax.vmap(f), xs.reshape(len(xs) // size, size, *xs.shape[1:]))
+    return ys.reshape(len(xs), *ys.shape[2:])
+
+
+def decode_in_micro_batches(decoder: eqx.Module, z: jax.Array, micro_batch: tuple[int, int]) -> jax.Array:
+    """The logits of a batch of latents. A doubling decoder grows its stages up to 16x16
+    micro_batch[0] images at a time and its last stage micro_batch[1] at a time; others decode
+    micro_batch[0] at a time (0: the whole batch at once)."""
+    if not isinstance(decoder, DoublingDecoder):
+        return map_in_slices(decoder, z, micro_batch[0])
+
+    def early_stages(state: jax.Array) -> jax.Array:
+        for index in range(decoder.n_doublings):
+            state, _ = decoder.stage(state, index)
+        return state
+    state = map_in_slices(early_stages, jax.vmap(decoder.seed)(z), micro_batch[0])
+    state = map_in_slices(lambda s: decoder.stage(s, decoder.n_doublings)[0], state, micro_batch[1])
+    return jax.vmap(decoder.logits)(state)
+
+
+def make_plain_loss(micro_batch: tuple[int, int] = (0, 0)):
+    """Minus the mean ELBO of a batch: encoded at once, then decoded by `decode_in_micro_batches`."""
     def plain_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool, axis_name=None):
         mean, logvar = jax.vmap(model.encoder)(x)
         z = jax.vmap(sample_posterior)(jax.random.split(key, len(x)), mean, logvar)
-        chunk = largest_divisor(len(x), micro_batch) if micro_batch else len(x)
-        in_slices = lambda a: a.reshape(len(x) // chunk, chunk, *a.shape[1:])
-        decode_slice = jax.vmap(lambda x_i, z_i: log_bernoulli(x_i, model.decoder(z_i)))
-        log_px = lax.map(lambda xz: decode_slice(*xz), (in_slices(x), in_slices(z))).reshape(-1)
+        log_px = jax.vmap(log_bernoulli)(x, decode_in_micro_batches(model.decoder, z, micro_batch))
         kl = kl_to_prior(mean, logvar)
         return -(log_px - kl).mean(), (kl.mean(), pool)
     return plain_loss
@@ -1332,7 +1362,7 @@ def make_pool_loss(t_min: int, t_max: int):
 def make_batch_loss(name: str, config: Config) -> Callable:
     if name == "nondoubling":
         return make_pool_loss(config.t_min, config.t_max)
-    return make_plain_loss(config.micro_batch if name == "doubling" and jax.default_backend() == "cpu" else 0)
+    return make_plain_loss(config.micro_batch if name == "doubling" and jax.default_backend() == "cpu" else (0, 0))
 
 
 # %%
@@ -1350,15 +1380,20 @@ class ToyDecoder(eqx.Module):
         return self.dense(z).reshape(1, 32, 32)
 
 
-_model = VAE(ToyEncoder(Dense(1024, 8, key=jax.random.PRNGKey(0))), ToyDecoder(Dense(4, 1024, key=jax.random.PRNGKey(2))))
+_encoder = ToyEncoder(Dense(1024, 8, key=jax.random.PRNGKey(0)))
+_doubling = DoublingDecoder(4, steps_per_stage=1, n_doublings=4, remat=False, key=jax.random.PRNGKey(3))
+_doubling = eqx.tree_at(lambda d: d.update.out.weight, _doubling, jax.random.normal(jax.random.PRNGKey(4), (4, 4)))
 _x = jnp.asarray(train_images[:8])
-_whole, _sliced = (eqx.filter_value_and_grad(make_plain_loss(b), has_aux=True)(_model, _x, jax.random.PRNGKey(1),
-                                                                                  None, ()) for b in (0, 3))
-assert jnp.allclose(_whole[0][0], _sliced[0][0], rtol=1e-5), "micro-batches must give the same loss"
-_elbos = jax.vmap(lambda x_i, k: elbo(_model, x_i, k)[0])(_x, jax.random.split(jax.random.PRNGKey(1), len(_x)))
-assert jnp.allclose(_whole[0][0], -_elbos.mean(), rtol=1e-5), "the batch loss is minus the mean of `elbo`"
-for _a, _b in zip(jax.tree.leaves(_whole[1]), jax.tree.leaves(_sliced[1])):
-    assert jnp.allclose(_a, _b, rtol=1e-4, atol=1e-5), "... and the same gradient"
+for _decoder in (ToyDecoder(Dense(4, 1024, key=jax.random.PRNGKey(2))), _doubling):
+    _model = VAE(_encoder, _decoder)
+    _whole, _sliced = (eqx.filter_jit(eqx.filter_value_and_grad(make_plain_loss(b), has_aux=True))(
+        _model, _x, jax.random.PRNGKey(1), None, ()) for b in ((0, 0), (4, 3)))
+    assert jnp.allclose(_whole[0][0], _sliced[0][0], rtol=1e-5), "micro-batches must give the same loss"
+    _elbos = eqx.filter_jit(lambda model: jax.vmap(lambda x_i, k: elbo(model, x_i, k)[0])(
+        _x, jax.random.split(jax.random.PRNGKey(1), len(_x))))(_model)
+    assert jnp.allclose(_whole[0][0], -_elbos.mean(), rtol=1e-5), "the batch loss is minus the mean of `elbo`"
+    for _a, _b in zip(jax.tree.leaves(_whole[1]), jax.tree.leaves(_sliced[1])):
+        assert jnp.allclose(_a, _b, rtol=1e-4, atol=1e-5), "... and the same gradient"
 
 # %%
 _pool = jax.tree.map(jnp.asarray, empty_pool(6, 3, grid=4))
@@ -1622,8 +1657,8 @@ with tempfile.TemporaryDirectory() as scratch:
 #   call, as JAX reports them through `jax.monitoring` (where a JAX version reports none: the first
 #   call's time less the second's, which also counts the first run's allocations). The compiled
 #   step is kept, so training with the same settings and shapes does not compile it again;
-# - **seconds per optimiser step** at the paper's global batch, the median of a few calls after a
-#   warm-up call. Where a step at the paper's batch would take over 30 s (projected from its
+# - **seconds per optimiser step** at the paper's global batch, the median of three to five calls
+#   after a warm-up call. Where a step at the paper's batch would take over 30 s (projected from its
 #   arithmetic at a quarter of the matmul peak, then from a timing at 8 images per device), the
 #   step is timed at 8 images per device and scaled linearly to the paper's batch, and the table
 #   says so;
@@ -1651,9 +1686,9 @@ with tempfile.TemporaryDirectory() as scratch:
 # the hardware's matrix-product speed that training achieves.
 #
 # **Levers.** The same measurement, repeated with one setting changed, shows what each lever
-# gives on these devices (table below): decoding the batch in slices of `micro_batch` images
-# (CPU), `jax.checkpoint` on each NCA step (memory for recomputation), and the number of optimiser
-# steps per pmap call. For the non-doubling model it times the step at $T = 32$ and $T = 64$,
+# gives on these devices (table below): decoding the batch in micro-batches (CPU; `micro_batch`),
+# `jax.checkpoint` on each NCA step (memory for recomputation), and the number of optimiser steps
+# per pmap call. For the non-doubling model it times the step at $T = 32$ and $T = 64$,
 # which must differ by about a factor of two (`grow_for` runs exactly $T$ steps).
 
 # %%
@@ -1748,8 +1783,8 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
 
     Compile time is what JAX reports for the first call's tracing, lowering and XLA compilation,
     or, where it reports none, the first call's time less the second's. Then each entry of steps_drawn (a
-    non-doubling T, or None for the seed's key) is timed as the median of up to 5 calls within
-    about budget_s (at least one); entries that are compared get 5 calls each, taken in turn."""
+    non-doubling T, or None for the seed's key) is timed as the median of 3 to 5 calls (more if they
+    fit in about budget_s); entries that are compared get 5 calls each, taken in turn."""
     settings = config.models()[name]
     model = make_model(name, settings.latent, config, jax.random.PRNGKey(config.seed))
     optimizer = make_optimizer(config)
@@ -1771,7 +1806,7 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
     state, first = call(state, keys[0])  # compiles (the compiled step is kept for training), then runs
     compiling = sum(compile_log[logged:])
     state, second = call(state, keys[0])
-    repeats = 5 if len(keys) > 1 else max(1, min(5, int(budget_s / second)))
+    repeats = 5 if len(keys) > 1 else max(3, min(5, int(budget_s / second)))
     seconds = [[] for _ in keys]
     for _ in range(repeats):  # in turn, so that a slow spell of the machine does not favour one entry
         for key, times in zip(keys, seconds):
@@ -1845,10 +1880,10 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
 def lever_costs(target: Config, models: dict, train_on_devices, mesh, log) -> list[dict]:
     """Step times with one setting changed from the target's, at the batch of each model's main timing."""
     per_device_batch = models["doubling"]["timed_batch"] // n_devices
-    sliced = jax.default_backend() == "cpu" and 0 < target.micro_batch < per_device_batch
+    sliced = jax.default_backend() == "cpu" and any(0 < m < per_device_batch for m in target.micro_batch)
     cases = [  # (model, lever, setting of the target, other setting, config with the other setting)
-        ("doubling", "decode in micro-batches (CPU only)", f"{target.micro_batch} images", "whole batch",
-         dataclasses.replace(target, micro_batch=0)),
+        ("doubling", "decode in micro-batches (CPU only)", "{} then {} images".format(*target.micro_batch),
+         "whole batch", dataclasses.replace(target, micro_batch=(0, 0))),
     ] if sliced else []  # with one slice per device, both settings are the same program
     cases += [
         ("doubling", "jax.checkpoint per NCA step", "on" if target.remat else "off", "off" if target.remat else "on",
@@ -2775,7 +2810,7 @@ else:
 # **Levers we tried.** The table above measures some of them in the run (micro-batches only where a
 # device's batch is larger than a slice). The others were measured during development on two
 # 2-core machines: an AMD Zen 5 (matmul peak about 450-470 GFLOP/s), where the earlier estimates
-# ran, and the Intel Xeon with AVX-512 (300-370 GFLOP/s, varying over minutes) that ran the
+# ran, and the Intel Xeon with AVX-512 (240-370 GFLOP/s, varying over minutes) that ran the
 # committed one. "Zen" or "Xeon" says which. "One 32x32 stage" is a gradient through 8 NCA
 # steps of 2 images at latent 256, the bulk of a doubling training step.
 #
@@ -2788,11 +2823,12 @@ else:
 # | `grow_for`: exactly $T$ steps via `lax.cond` over the bits of $T - T_{min}$ | yes | cost proportional to $T$ (targets table), with 7 compiled scans instead of one program per value of $T$ |
 # | `jax.checkpoint` keeps the 3x3 perception's output (`checkpoint_name` + `save_only_these_names`) instead of recomputing the whole step | yes | Xeon: doubling step at batch 32 15.4 s instead of 16.6-17.5 s (two runs), compiled as fast (7.8 s in XLA both ways); one 32x32 stage 625-706 ms instead of 734-780 ms. Non-doubling: T=64 still costs about twice T=32 (targets table). Keeping the 3x3 neighbourhood stack as well (9 times the state, so the backward pass need not rebuild it): slower, 664-692 ms instead of 607-619 ms on one 32x32 stage (Xeon) |
 # | `jax.checkpoint` policy `dots_saveable`: keep each NCA step's matrix-product outputs, recompute only the element-wise work | no | Zen, doubling: 10.50 s per step instead of 10.55 s, but 12.4 s to compile instead of 8.0 s (over the 10 s target). Non-doubling: 2.92 s instead of 3.19 s at 8 images for the seed's $T$, but inside `grow_for`'s `lax.cond` branches it made $T = 32$ cost as much as $T = 64$ (2.83 s vs 3.02 s in one estimate): the cost no longer followed $T$. Xeon, with weights `(C_out, C_in)`: one 32x32 stage 611-633 ms instead of 618-651 ms, the doubling step at batch 32 14.8-14.9 s both ways |
-# | micro-batches of 2 images for the doubling model (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2. Xeon, doubling step at batch 32, one run per size: 15.8 s in slices of 1, 14.5 s of 2, 13.9 s and 14.6 s of 4 (two runs), 14.8 s of 8, 15.7 s of 16: 4 is within this machine's noise of 2, so we kept 2 |
-# | micro-batches per stage: the doubling model's stages up to 16x16 on 8 images at a time (or on the whole batch), only its 32x32 stage on 2 | no | Xeon: in isolation, the gradient through one stage's 8 NCA steps ran fastest on 8 images per pass for the 8x8 and 16x16 grids (20.0 and 80.4 ms per image, against 31.2 and 93.0 ms on 2) and on 2 for the 32x32 grid (322 ms per image, against 337-340 ms on 4 or 8), which promised about 7 % off the step. In the whole step at batch 32, three runs of each, taken in turn: 13.5-14.1 s (8, then 2), 13.6-13.7 s (whole batch, then 2), 13.3-14.6 s (2 throughout), within the machine's noise |
+# | micro-batches of 2 images for the doubling model's 32x32 stage (CPU), none for the baseline | yes | Zen: doubling 10.8 s per gradient at batch 32 in slices of 2, 12.3 s in slices of 8; the baseline 0.19 s with its whole batch, 0.35 s in slices of 2. Xeon, doubling step at batch 32, one run per size: 15.8 s in slices of 1, 14.5 s of 2, 13.9 s and 14.6 s of 4 (two runs), 14.8 s of 8, 15.7 s of 16: 4 is within this machine's noise of 2, so we kept 2 |
+# | micro-batches per stage: the doubling model's stages up to 16x16 on 16 images at a time, only its 32x32 stage on 2 | yes | Xeon: in isolation, the gradient through one stage's 8 NCA steps ran fastest on 8 images per pass for the 8x8 and 16x16 grids (20.0 and 80.4 ms per image, against 31.2 and 93.0 ms on 2) and on 2 for the 32x32 grid (322 ms per image, against 337-340 ms on 4 or 8). Whole doubling steps at batch 32, three runs of each in separate processes, could not tell the variants apart (13.3-14.6 s). Compiled side by side in one process and called in turn, median (range) per step: first session, four calls each: 16.2 s (14.9-17.9) with 2 throughout, 15.3 s (14.7-15.8) with 8 then 2, 14.4 s (13.9-17.5) with the whole batch then 2, 15.8 s (15.3-16.2) with 4 throughout; second session, six calls each: 15.7 s (14.9-17.4) with 2 throughout, 15.1 s (14.4-16.2) with the whole batch then 2, 14.8 s (14.0-16.6) with 16 then 2. The machine was in a slow spell, so only the ratios count: by the medians, the early stages on 8, 16 or all 32 images made the step 4-11 % faster than 2 throughout. We kept 16. A third session compared 16 with the whole batch for the early stages, which makes one `lax.map` fewer: compiled three times each in turn, 10.7-11.5 s against 10.6-10.8 s (lowering and XLA), then 11.5 s against 13.2 s in another process; called in turn there, 16.6-20.3 s against 16.7-22.0 s per step. No difference we could tell from the machine's noise, so 16 stayed |
 # | the encoder run on the whole batch, outside the loop over micro-batches (section 6, "The batch losses") | yes | Xeon, doubling step: XLA compiled it in 7.9-8.2 s (four runs) instead of 8.5-10.0 s (seven runs, 9.2 s on average; tracing and lowering add 1.6 s to both), and it ran as fast (14.4-15.1 s per step at batch 32, against 14.3-14.9 s) |
 # | the encoder's convolutions as `lax.conv_general_dilated` (the encoder on the whole batch, outside the micro-batch loop) | no | Xeon: the doubling step compiled in 7.3-7.5 s instead of 10.6-10.8 s with the im2col encoder inside the loop, but ran at 16.7-17.2 s per step instead of 14.3-14.9 s, and the baseline's step took 3.0 s instead of 0.29 s: XLA:CPU's convolution gradients on these small grids are slow |
 # | a custom VJP that writes each convolution's input gradient as a convolution (the kernel flipped for stride 1; for stride 2, the transposed convolution of `UpConv`) instead of autodiff's sum of shifted copies | no | Xeon: doubling step 20.9 s instead of 14.4 s, and no faster to compile (10.3 s against 9.3 s). Under `jax.vmap` the custom VJP's weight gradient becomes one product per image and a sum, where autodiff contracts over all the images' cells at once |
+# | the 3x3 perception as one product from each cell's C channels to 9 x C outputs, then a sum of nine shifted slices of them, instead of a product over the stacked 3x3 neighbourhoods (one stacking pass less per NCA step) | no | Xeon: the doubling step took 48.9 s instead of 14.6-16.5 s, compiled side by side and called in turn. Autodiff writes the gradient of each slice as a zero-padded copy of the whole 9 x C-channel grid, and these nine copies are summed; we did not pursue it further |
 # | weight-gradient products in the layout YNNPACK takes (a custom VJP that hands it transposed activations) | no | Zen: XLA fused the transposes into slow loops that ate the gain: 52 % instead of 49 % on one 32x32 stage, within noise |
 # | a custom VJP for `Dense` that writes the weight gradient as one contraction over all cells, $x^\top \partial L/\partial y$, with no transposes | no | Xeon: 5-8 % faster on one 32x32 stage run as a batch; but our layers run per image under `jax.vmap`, and there it was slower (690-718 ms instead of 664 ms). Keeping it would mean writing the NCA on batches instead of single images |
 # | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
@@ -2824,13 +2860,31 @@ else:
 #   82 %; inside the profiled stage they ran at about 60 %.
 #
 # With all three, one 32x32 stage (three quarters of the doubling step's arithmetic) ran at
-# 57-62 % of the peak on the Xeon. The smaller stages do worse (of 2 images: 8x8 at 43 %, 4x4 at
-# 28 %), and the encoder, loss and update add a few per cent of the step's time; together this
-# keeps the doubling step below the 60 % target on the 2-core CPU of the committed estimate.
-# Running the small stages on the whole batch instead of in micro-batches would save, from these
-# stage timings, about 3 % of the step: not enough to reach the target, so we kept the simpler
-# code. We had no TPU or GPU to measure; on one, the `full` preset prints this estimate before it
-# trains.
+# 57-62 % of the peak on the Xeon. The smaller stages do worse on 2 images at a time (8x8 at 43 %,
+# 4x4 at 28 %), which is why they grow 16 images at a time; the encoder, loss and update add a
+# few per cent of the step's time.
+#
+# **How far one estimate can be trusted here.** On this shared 2-core machine the share moves
+# with the machine's load by more than the margins to the targets. Four estimates of the kept
+# configuration over two days (the committed one and three others, one of which counted the
+# second call among the timed ones):
+#
+# | estimate | matmul peak, start / end (GFLOP/s) | doubling s/step | of peak | doubling compile | non-doubling T=64 / T=32 | estimate's own time |
+# |---|---|---|---|---|---|---|
+# | committed, 2026-11-24 23:18 | 244 / 278 | 14.8 | 60 % | 10.0 s | 1.83x | 7.8 min |
+# | 2026-11-24 22:56 | 264 / 305 | 19.3 | 42 % | not kept | not kept | not kept |
+# | 2026-11-29 21:02 | 236 / at most 236 | 18.3 | 58 % | 10.7 s | 1.99x | 10.2 min |
+# | 2026-11-29 21:48 | 257 / 280 | 19.4 | 46 % | 13.6 s | 2.05x | 8.7 min |
+#
+# The step's time moved by a third, while the matmul peak timed in the same runs moved less and
+# not with it (a 19.3 s step came with the highest peak, 305 GFLOP/s). So the efficiency and
+# compile figures in the table above are readings of one run, not margins: the doubling step
+# meets or nearly meets its targets in some runs (60 % and 10.0 s; 58 % and 10.7 s) and clearly
+# misses them in others (42-46 %; 13.6 s). The cost's proportion to $T$ held in every run that
+# kept it. The estimate's own time leaves out the two minutes or so of loading data and running
+# the checks before it, so the whole `VNCA_MODE=estimate` command took about 10 minutes in the
+# committed run's spell and 10.7 minutes for the 21:48 one.
+# We had no TPU or GPU to measure; on one, the `full` preset prints this estimate before it trains.
 
 
 # %% [markdown]
@@ -2933,11 +2987,13 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   convolution as one matrix product, and the transposed convolutions by their four output
 #   parities, made the training steps several times faster when we measured them during
 #   development (the baseline's most); section 10 gives this run's throughput.
-# - *Efficiency on CPU.* Even so, the doubling VNCA's training step stays below the 60 % of
-#   the CPU's matrix-product speed that we aimed for (section 10 measures it and says what bounds
-#   it). Micro-batches of two images helped, and so did a checkpoint policy that keeps only the
-#   3x3 perception's output and weights stored one row per output channel; a policy that keeps
-#   every matrix product, and a larger batch, did not.
+# - *Efficiency on CPU.* Even so, the doubling VNCA's training step only just reaches the 60 %
+#   of the CPU's matrix-product speed that we aimed for in the committed estimate, and falls
+#   short of it in slow spells of the shared machine (42-58 % in three other estimates; section
+#   10 measures it and says what bounds it). Micro-batches helped (two images at a time for the 32x32 stage, sixteen for the
+#   smaller ones), and so did a checkpoint policy that keeps only the 3x3 perception's output
+#   and weights stored one row per output channel; a policy that keeps every matrix product,
+#   and more images at a time in the 32x32 stage, did not.
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
 #   under `lax.cond` gives a cost that follows $T$ at the price of a longer compile.
