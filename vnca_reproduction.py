@@ -156,7 +156,7 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | preset | what it is for | how it differs from the paper |
 # |---|---|---|
 # | `full` | the paper's settings; default on TPU/GPU | none: latent 256/256/128, batch 32/32/128, 100,000 steps, pool 1024, IWELBO with 128 samples on all 10,000 test images |
-# | `cpu` | the whole notebook on a 2-core CPU in under an hour; default on CPU | the NCA latent (and so its state) is narrowed, since the decoders' cost grows with its square; far fewer steps; IWELBO on a subset of the test set with fewer samples; a smaller t-SNE |
+# | `cpu` | the whole notebook on a 2-core CPU in about an hour (60-81 min in our runs, with the machine's speed); default on CPU | the NCA latent (and so its state) is narrowed, since the decoders' cost grows with its square; far fewer steps; IWELBO on a subset of the test set with fewer samples; a smaller t-SNE |
 # | `smoke` | CI: every cell runs in minutes | tiny everything; its numbers mean nothing |
 # | `estimate` | what a `full` run will cost on these devices, then stop (section 6) | trains nothing |
 #
@@ -194,6 +194,7 @@ class Config:
     learning_rate: float = 1e-4
     clip_norm: float = 10.0
     inner_steps: int = 125  # optimiser steps per pmap call (a lax.scan inside the step)
+    lever_inner_steps: int = 10  # the cost estimate's alternative to one optimiser step per call
     remat: bool = True  # jax.checkpoint each NCA step (memory for compute)
     # on CPU, the doubling model grows its stages up to 16x16 micro_batch[0] images at a time and its
     # 32x32 stage micro_batch[1] at a time (0: the whole batch at once)
@@ -262,6 +263,7 @@ PRESETS = {
         nca_steps_per_stage=2,
         pool_size=32,
         inner_steps=1,
+        lever_inner_steps=2,
         iw_samples=8,
         iw_chunk=4,
         eval_batch=4,
@@ -722,8 +724,11 @@ assert not (_later[:, 15:20] == _idx[:, :5]).all(), "each epoch must be a new pe
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """PyTorch's default initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Drawn as a flat vector
+    and reshaped: the same numbers as jax.random.uniform(key, shape) (checked below), but XLA
+    compiles a 1-D draw about three times faster, once per size rather than per shape."""
     bound = 1.0 / math.sqrt(fan_in)
-    return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+    return jax.random.uniform(key, (math.prod(shape),), minval=-bound, maxval=bound).reshape(shape)
 
 
 class Dense(eqx.Module):
@@ -812,6 +817,9 @@ for _conv, _expected in [
     assert _conv(_x).shape == _reference.shape, (_conv(_x).shape, _reference.shape)
     assert jnp.allclose(_conv(_x), _reference, atol=1e-4), "im2col must equal lax.conv"
 assert UpConv(5, 7, key=jax.random.PRNGKey(3))(_x).shape == (16, 12, 7), "stride-2 transposed doubles"
+_bound = 1 / math.sqrt(75)  # PyTorch's uniform initialisation, drawn flat (torch_uniform) or in its shape: the same numbers
+assert (torch_uniform(jax.random.PRNGKey(5), (4, 5, 5, 3), 75)
+        == jax.random.uniform(jax.random.PRNGKey(5), (4, 5, 5, 3), minval=-_bound, maxval=_bound)).all()
 
 # %% [markdown]
 # **Encoder** (shared). A 5x5 convolution to 32 channels, then four 5x5 convolutions of stride 2
@@ -1383,14 +1391,19 @@ class ToyDecoder(eqx.Module):
 _encoder = ToyEncoder(Dense(1024, 8, key=jax.random.PRNGKey(0)))
 _doubling = DoublingDecoder(4, steps_per_stage=1, n_doublings=4, remat=False, key=jax.random.PRNGKey(3))
 _doubling = eqx.tree_at(lambda d: d.update.out.weight, _doubling, jax.random.normal(jax.random.PRNGKey(4), (4, 4)))
-_x = jnp.asarray(train_images[:8])
+
+
+@eqx.filter_jit
+def _losses(model: VAE, x: jax.Array, key: jax.Array):
+    """Loss and gradient on the whole batch at once and in micro-batches, and each image's ELBO."""
+    whole, sliced = (eqx.filter_value_and_grad(make_plain_loss(b), has_aux=True)(model, x, key, None, ())
+                     for b in ((0, 0), (4, 3)))
+    return whole, sliced, jax.vmap(lambda x_i, k: elbo(model, x_i, k)[0])(x, jax.random.split(key, len(x)))
+
+
 for _decoder in (ToyDecoder(Dense(4, 1024, key=jax.random.PRNGKey(2))), _doubling):
-    _model = VAE(_encoder, _decoder)
-    _whole, _sliced = (eqx.filter_jit(eqx.filter_value_and_grad(make_plain_loss(b), has_aux=True))(
-        _model, _x, jax.random.PRNGKey(1), None, ()) for b in ((0, 0), (4, 3)))
+    _whole, _sliced, _elbos = _losses(VAE(_encoder, _decoder), jnp.asarray(train_images[:8]), jax.random.PRNGKey(1))
     assert jnp.allclose(_whole[0][0], _sliced[0][0], rtol=1e-5), "micro-batches must give the same loss"
-    _elbos = eqx.filter_jit(lambda model: jax.vmap(lambda x_i, k: elbo(model, x_i, k)[0])(
-        _x, jax.random.split(jax.random.PRNGKey(1), len(_x))))(_model)
     assert jnp.allclose(_whole[0][0], -_elbos.mean(), rtol=1e-5), "the batch loss is minus the mean of `elbo`"
     for _a, _b in zip(jax.tree.leaves(_whole[1]), jax.tree.leaves(_sliced[1])):
         assert jnp.allclose(_a, _b, rtol=1e-4, atol=1e-5), "... and the same gradient"
@@ -1460,11 +1473,29 @@ def make_train_step(batch_loss: Callable, optimizer: optax.GradientTransformatio
     return jax.pmap(train_call, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None), donate_argnums=(0, 1, 2))
 
 
-@functools.lru_cache(maxsize=None)
+STEP_FIELDS = ("t_min", "t_max", "micro_batch", "learning_rate", "clip_norm")  # what the step's code reads
+
+
 def train_step_for(name: str, config: Config):
-    """`name`'s pmap'd training step under `config`, built once, so that a step compiled for the cost
-    estimate (section 6) is not compiled again for training with the same settings and shapes."""
+    """`name`'s pmap'd training step under `config`, built once per value of the settings it reads
+    (STEP_FIELDS: all that make_batch_loss and make_optimizer read), so that a step compiled by the
+    cost estimate (section 6) or the checks before training is not compiled again for training with
+    the same settings and shapes, whatever the configs' output folders, step counts or logging."""
+    return step_with_settings(name, tuple((field, getattr(config, field)) for field in STEP_FIELDS))
+
+
+@functools.lru_cache(maxsize=None)
+def step_with_settings(name: str, settings: tuple[tuple[str, object], ...]):
+    config = dataclasses.replace(PRESETS["full"], **dict(settings))
     return make_train_step(make_batch_loss(name, config), make_optimizer(config))
+
+
+# %%
+_smoke = PRESETS["smoke"]
+assert train_step_for("doubling", _smoke) is train_step_for(
+    "doubling", dataclasses.replace(_smoke, out_dir="elsewhere", inner_steps=3, doubling=_smoke.baseline))
+assert train_step_for("doubling", _smoke) is not train_step_for("doubling", dataclasses.replace(_smoke, micro_batch=(0, 0)))
+assert train_step_for("nondoubling", _smoke) is not train_step_for("nondoubling", dataclasses.replace(_smoke, t_max=9))
 
 
 # %% [markdown]
@@ -1622,31 +1653,6 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
 
 
 # %% [markdown]
-# Checks of the machinery on the smoke sizes before the real run: a checkpoint round-trips
-# exactly, a checkpoint of another architecture is refused, and an interrupted run resumes where
-# it stopped and ends exactly where an uninterrupted one ends (same batches, same keys).
-
-# %%
-with tempfile.TemporaryDirectory() as scratch:
-    _cfg = dataclasses.replace(PRESETS["smoke"], out_dir=scratch, inner_steps=1, progress_every_s=1e9,
-                               nondoubling=ModelSettings(latent=4, batch=2 * n_devices * 2, steps=2))
-    _straight = train("nondoubling", _cfg, train_on_devices, mesh, log=lambda s: None)
-    shutil.rmtree(_cfg.checkpoint_dir)
-    _first = train("nondoubling", _cfg, train_on_devices, mesh, log=lambda s: None, max_calls=1)  # "interrupted"
-    assert _first.step == 1 and (_cfg.checkpoint_dir / "nondoubling.eqx").exists()
-    _resumed = train("nondoubling", _cfg, train_on_devices, mesh, log=print)
-    assert _resumed.step == 2 and len(_resumed.history) == 2
-    for _a, _b in zip(jax.tree.leaves((_straight.model, _straight.pool)), jax.tree.leaves((_resumed.model, _resumed.pool))):
-        assert np.allclose(_a, _b, atol=1e-6), "a resumed run must end where an uninterrupted one ends"
-    assert _resumed.pool.valid.sum() > 0, "pool states must come back from the devices"
-    try:
-        train("nondoubling", dataclasses.replace(_cfg, nondoubling=ModelSettings(latent=6, batch=_cfg.nondoubling.batch,
-                                                                                  steps=3)), train_on_devices, mesh)
-        raise AssertionError("a checkpoint of another architecture must be refused")
-    except CheckpointMismatch as error:
-        print("refused:", str(error)[:160], "...")
-
-# %% [markdown]
 # ### What a full run will cost: the estimate
 #
 # Before hours of TPU quota go into training, the notebook measures on the devices at hand what
@@ -1688,8 +1694,9 @@ with tempfile.TemporaryDirectory() as scratch:
 # **Levers.** The same measurement, repeated with one setting changed, shows what each lever
 # gives on these devices (table below): decoding the batch in micro-batches (CPU; `micro_batch`),
 # `jax.checkpoint` on each NCA step (memory for recomputation), and the number of optimiser steps
-# per pmap call. For the non-doubling model it times the step at $T = 32$ and $T = 64$,
-# which must differ by about a factor of two (`grow_for` runs exactly $T$ steps).
+# per pmap call (one, or `lever_inner_steps`: 10; 2 in the `smoke` preset). For the non-doubling
+# model it times the step at $T = 32$ and $T = 64$, which must differ by about a factor of two
+# (`grow_for` runs exactly $T$ steps).
 
 # %%
 def conv_macs(cells: int, kernel: int, n_in: int, n_out: int) -> int:
@@ -1888,8 +1895,8 @@ def lever_costs(target: Config, models: dict, train_on_devices, mesh, log) -> li
     cases += [
         ("doubling", "jax.checkpoint per NCA step", "on" if target.remat else "off", "off" if target.remat else "on",
          dataclasses.replace(target, remat=not target.remat)),
-        ("baseline", "optimiser steps per pmap call", f"{target.inner_steps}", "10",
-         dataclasses.replace(target, inner_steps=10)),
+        ("baseline", "optimiser steps per pmap call", f"{target.inner_steps}", f"{target.lever_inner_steps}",
+         dataclasses.replace(target, inner_steps=target.lever_inner_steps)),
     ]
     rows = []
     for name, lever, ours, other, other_config in cases:
@@ -2016,6 +2023,33 @@ if config.stop_after_estimate:
 
 
 # %% [markdown]
+# Checks of the machinery on the smoke sizes before the real run: a checkpoint round-trips
+# exactly, a checkpoint of another architecture is refused, and an interrupted run resumes where
+# it stopped and ends exactly where an uninterrupted one ends (same batches, same keys). The
+# non-doubling model has the `smoke` preset's settings, so in that preset (CI) this check reuses
+# the step compiled for the estimate above, and training reuses it in turn.
+
+# %%
+with tempfile.TemporaryDirectory() as scratch:
+    _cfg = dataclasses.replace(PRESETS["smoke"], out_dir=scratch, inner_steps=1, progress_every_s=1e9,
+                               nondoubling=dataclasses.replace(PRESETS["smoke"].nondoubling, steps=2))
+    _straight = train("nondoubling", _cfg, train_on_devices, mesh, log=lambda s: None)
+    shutil.rmtree(_cfg.checkpoint_dir)
+    _first = train("nondoubling", _cfg, train_on_devices, mesh, log=lambda s: None, max_calls=1)  # "interrupted"
+    assert _first.step == 1 and (_cfg.checkpoint_dir / "nondoubling.eqx").exists()
+    _resumed = train("nondoubling", _cfg, train_on_devices, mesh, log=print)
+    assert _resumed.step == 2 and len(_resumed.history) == 2
+    for _a, _b in zip(jax.tree.leaves((_straight.model, _straight.pool)), jax.tree.leaves((_resumed.model, _resumed.pool))):
+        assert np.allclose(_a, _b, atol=1e-6), "a resumed run must end where an uninterrupted one ends"
+    assert _resumed.pool.valid.sum() > 0, "pool states must come back from the devices"
+    try:
+        train("nondoubling", dataclasses.replace(_cfg, nondoubling=ModelSettings(latent=6, batch=_cfg.nondoubling.batch,
+                                                                                  steps=3)), train_on_devices, mesh)
+        raise AssertionError("a checkpoint of another architecture must be refused")
+    except CheckpointMismatch as error:
+        print("refused:", str(error)[:160], "...")
+
+# %% [markdown]
 # ### Training the three models
 #
 # Each model trains with its preset's settings (printed below with the step, the loss, i.e. minus
@@ -2125,9 +2159,9 @@ def decode_batch(model: VAE, z: jax.Array) -> jax.Array:
 
 
 @eqx.filter_jit
-def encode_batch(model: VAE, x: jax.Array) -> jax.Array:
-    """Posterior means (N, Z) of images (N, 1, 32, 32)."""
-    return jax.vmap(lambda x_i: model.encoder(x_i)[0])(x)
+def encode_batch(model: VAE, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Posterior means and log-variances (N, Z) of images (N, 1, 32, 32)."""
+    return jax.vmap(model.encoder)(x)
 
 
 @eqx.filter_jit
@@ -2139,7 +2173,7 @@ def grow_from(decoder, z: jax.Array, n_steps: int | None = None) -> jax.Array:
 
 
 def encode_means(model: VAE, images: np.ndarray, batch: int = 500) -> np.ndarray:
-    return np.concatenate([np.asarray(encode_batch(model, jnp.asarray(images[i:i + batch])))
+    return np.concatenate([np.asarray(encode_batch(model, jnp.asarray(images[i:i + batch]))[0])
                            for i in range(0, len(images), batch)])
 
 
@@ -2165,7 +2199,7 @@ def reconstructions_and_samples(models: dict[str, VAE], images: np.ndarray, conf
     x = images[np.asarray(jax.random.choice(k_pick, len(images), (10,), replace=False))]
     fig, axes = plt.subplots(len(models), 1, figsize=(6.5, 2.9 * len(models)))
     for ax, (name, model) in zip(np.atleast_1d(axes), models.items()):
-        mean, logvar = eqx.filter_jit(jax.vmap(lambda m, x_i: m.encoder(x_i), in_axes=(None, 0)))(model, jnp.asarray(x))
+        mean, logvar = encode_batch(model, jnp.asarray(x))
         logits = decode_batch(model, jnp.concatenate([sample_posterior(k_post, mean, logvar),
                                                       jax.random.normal(k_prior, (20, latents[name]))]))
         recon = jax.random.bernoulli(k_bern, jax.nn.sigmoid(logits[:10]))
@@ -2349,7 +2383,7 @@ assert (_damaged >= 256).all(), "every sample must lose a 16x16 square"
 # %%
 def grown_cells(model: VAE, images: np.ndarray, steps: int, batch: int = 64) -> np.ndarray:
     """(N, 32, 32, Z) final states grown from the posterior means of `images`."""
-    return np.concatenate([np.asarray(grow_from(model.decoder, encode_batch(model, jnp.asarray(images[i:i + batch])), steps))
+    return np.concatenate([np.asarray(grow_from(model.decoder, encode_batch(model, jnp.asarray(images[i:i + batch]))[0], steps))
                            for i in range(0, len(images), batch)])
 
 
@@ -2756,20 +2790,26 @@ show_markdown(markdown_table(
 #
 # What this run cost on this machine, measured by the cells above: training wall time (all calls,
 # compilation included, summed over resumed sessions), steady training throughput (median over
-# calls), the time of one forward pass (encode + decode) per image at a batch of 30 on one device,
-# and the time of the IWELBO over the evaluated test images. For reference, the replication on a
-# Kaggle TPU v3-8: training 100k steps took 10 min / 40 min / 2.5 h and the IWELBO-128 on the full
+# calls), the time of one forward pass (encode + decode) per image on one device (encoding timed
+# on 10 images, decoding on 30 latents: the reconstruction figure's shapes), and the time of the
+# IWELBO over the evaluated test images. For reference, the replication on a Kaggle TPU v3-8: training 100k steps took 10 min / 40 min / 2.5 h and the IWELBO-128 on the full
 # test set 1.45 s / 162 s / 75 s (baseline / doubling / non-doubling).
 
 # %%
-def forward_seconds_per_image(model: VAE, images: np.ndarray, batch: int = 30, repeats: int = 3) -> float:
-    """Encode + decode, at the batch of 30 the reconstruction figure already compiled the decoder for."""
-    x = jnp.asarray(images[:batch])
-    decode_batch(model, encode_batch(model, x)).block_until_ready()
+def seconds_per_call(f: Callable, *args, repeats: int = 3) -> float:
+    jax.block_until_ready(f(*args))  # compiles, unless an earlier call with these shapes did
     started = time.perf_counter()
     for _ in range(repeats):
-        decode_batch(model, encode_batch(model, x)).block_until_ready()
-    return (time.perf_counter() - started) / (repeats * batch)
+        jax.block_until_ready(f(*args))
+    return (time.perf_counter() - started) / repeats
+
+
+def forward_seconds_per_image(model: VAE, images: np.ndarray) -> float:
+    """Encoding plus decoding time per image, at the shapes the reconstruction figure compiled them
+    for: 10 images encoded, 30 latents decoded."""
+    x = jnp.asarray(images[:10])
+    z = jnp.tile(encode_batch(model, x)[0], (3, 1))
+    return seconds_per_call(encode_batch, model, x) / 10 + seconds_per_call(decode_batch, model, z) / 30
 
 
 compute = {}
@@ -2836,6 +2876,8 @@ else:
 # | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. Writing each stride-2 convolution as a 3x3 convolution over 2x2 space-to-depth blocks (9 copies instead of 25, the kernel padded to 6x6) compiled the gradient in 1.4-1.7 s instead of 2.3-2.7 s, but it ran 3.2x slower for 2 images and 1.7x slower for 32. That trades compile seconds for the baseline's step time, 100,000 times |
 # | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
 # | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (Zen, JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
+# | the notebook's compile time, most of CI's smoke test: parameters drawn as flat vectors and reshaped (`torch_uniform`, the same numbers); training steps cached by the settings they read (`train_step_for`), so that the resume check reuses the step the smoke preset compiled for its estimate; the micro-batch check as one compiled program; the reconstruction figure and the forward-pass timing sharing `encode_batch`'s compiled shapes | yes | XLA compiled one `jax.random.uniform` per parameter shape (44 programs, 21 s in a smoke run; about 0.2 s for a 1-D draw, 0.7 s for a 4-D one): initialising the three models of four settings took 7.4 s instead of 20.2 s. The smoke test (`VNCA_MODE=smoke pytest --nbval-lax`, one device, Xeon) took 300 s, against 331 s for the notebook before the cost estimate existed, run one after the other (an earlier pair: 302 s and 321 s), and 349-362 s before these changes |
+# | the whole initialisation of a model as one compiled program (`eqx.filter_jit` on `make_model`) | no | 5.6-8.7 s to compile per model and preset: 64 s for nine models instead of 15 s eagerly |
 # | bfloat16 matrix products | not tried | pays only on TPU/GPU matrix units; with no accelerator here we could not check that the test IWELBO stays within noise, so everything is float32 |
 #
 # **What bounds the doubling step on a CPU.** A training step is about three forward passes of
