@@ -717,10 +717,21 @@ assert not (_later[:, 15:20] == _idx[:, :5]).all(), "each epoch must be a new pe
 # **Written for speed on every backend.** XLA:CPU's convolution is slow in the shapes these
 # models have: on small grids with many channels (the encoder's 256 -> 512 convolution on a 4x4
 # grid was two orders of magnitude slower than its arithmetic when we measured it), and inside a
-# `lax.scan`, where the NCA steps and our inner training steps live. So `Conv` computes a convolution as what it is: the k x k shifted (and strided) copies
-# of the input stacked along the channels, times one weight matrix ("im2col"). That is one large
-# matrix product, XLA's fastest operation on CPU and what the matrix units of TPUs and GPUs are
-# built for. The check below compares it with `lax.conv_general_dilated`.
+# `lax.scan`, where the NCA steps and our inner training steps live. So `Conv` computes a
+# convolution as what it is: the k x k shifted (and strided) copies of the input stacked along the
+# channels, times one weight matrix ("im2col"). That is one large matrix product, XLA's fastest
+# operation on CPU and what the matrix units of TPUs and GPUs are built for.
+#
+# The stack can be built two ways, with the same numbers. `shifted_copies` concatenates k x k
+# slices, and XLA compiles each slice as a kernel of its own: 25 per 5x5 layer, which made the
+# encoder a large part of every training step's compile time. `neighbourhoods` reads the same
+# windows with one gather from constant indices: one kernel. Its gradient is written by hand
+# (`jax.custom_vjp`) as the gradient of the slices, since autodiff would turn the gather into a
+# scatter-add, which is slow on CPU. The encoder's layers use the gather. The NCA's perception and
+# the baseline's decoder keep the slices: there XLA fused the layer before into the gather (the
+# up-convolution's interleaving, the NCA's update), and the steps ran slower (section 10). The
+# checks below compare the layers with `lax.conv_general_dilated`, and the two stacks and their
+# gradients with each other.
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -745,11 +756,39 @@ class Dense(eqx.Module):
         return x @ self.weight.T + self.bias
 
 
-def neighbourhoods(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
-    """The k x k windows of a (padded) (H, W, C) grid stacked along channels: (H', W', k*k*C)."""
+def shifted_copies(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
+    """The k x k windows of a (padded) (H, W, C) grid stacked along channels, (H', W', k*k*C), as k*k
+    shifted (strided) slices concatenated."""
     h_out, w_out = (x.shape[0] - k) // stride + 1, (x.shape[1] - k) // stride + 1
     return jnp.concatenate([x[dy:dy + stride * (h_out - 1) + 1:stride, dx:dx + stride * (w_out - 1) + 1:stride]
                             for dy in range(k) for dx in range(k)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _gathered(x: jax.Array, k: int, stride: int, shape: tuple[int, int, int]) -> jax.Array:
+    h_out, w_out = (shape[0] - k) // stride + 1, (shape[1] - k) // stride + 1
+    rows = stride * np.arange(h_out)[:, None] + np.arange(k)  # (output row, dy) -> row read
+    cols = stride * np.arange(w_out)[:, None] + np.arange(k)  # (output column, dx) -> column read
+    return x[rows[:, None, :, None], cols[None, :, None, :]].reshape(h_out, w_out, k * k * shape[2])
+
+
+def _gathered_forward(x, k, stride, shape):
+    return _gathered(x, k, stride, shape), None
+
+
+def _gathered_backward(k, stride, shape, _, cotangent):
+    """The gradient of shifted_copies: each slice's cotangent added back where the slice was read."""
+    _, transpose = jax.vjp(lambda x: shifted_copies(x, k, stride), jnp.zeros(shape, cotangent.dtype))
+    return transpose(cotangent)
+
+
+_gathered.defvjp(_gathered_forward, _gathered_backward)
+
+
+def neighbourhoods(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
+    """shifted_copies(x, k, stride), read by one gather with constant indices (one compiled loop instead
+    of k*k), with shifted_copies' gradient: autodiff would transpose the gather into a scatter-add."""
+    return _gathered(x, k, stride, x.shape)
 
 
 class Conv(eqx.Module):
@@ -758,18 +797,19 @@ class Conv(eqx.Module):
     bias: jax.Array
     stride: int = eqx.field(static=True)
     padding: int = eqx.field(static=True)
+    gather: bool = eqx.field(static=True)  # windows by `neighbourhoods` (one gather), else by `shifted_copies`
 
     def __init__(self, n_in: int, n_out: int, kernel: int, *, key: jax.Array, stride: int = 1,
-                 padding: int = 0, fan_in: int | None = None):
+                 padding: int = 0, fan_in: int | None = None, gather: bool = False):
         k_w, k_b = jax.random.split(key)
         fan_in = fan_in or n_in * kernel * kernel
         self.weight = torch_uniform(k_w, (n_out, kernel, kernel, n_in), fan_in)
         self.bias = torch_uniform(k_b, (n_out,), fan_in)
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.gather = stride, padding, gather
 
     def __call__(self, x: jax.Array) -> jax.Array:
         p, k = self.padding, self.weight.shape[1]
-        windows = neighbourhoods(jnp.pad(x, ((p, p), (p, p), (0, 0))), k, self.stride)
+        windows = (neighbourhoods if self.gather else shifted_copies)(jnp.pad(x, ((p, p), (p, p), (0, 0))), k, self.stride)
         return windows @ self.weight.reshape(self.weight.shape[0], -1).T + self.bias
 
 
@@ -795,7 +835,7 @@ class UpConv(eqx.Module):
         padded = jnp.pad(self.weight, ((0, 1), (0, 1), (0, 0), (0, 0)))
         kernel = padded[taps[:, None, :, None], taps[None, :, None, :]]  # (2, 2, 3, 3, in, out)
         kernel = kernel.transpose(0, 1, 5, 2, 3, 4).reshape(-1, 9 * c)  # rows (py, px, out), cols (dy, dx, in)
-        y = neighbourhoods(jnp.pad(x, ((1, 1), (1, 1), (0, 0))), 3) @ kernel.T  # (H, W, 4 * out)
+        y = shifted_copies(jnp.pad(x, ((1, 1), (1, 1), (0, 0))), 3) @ kernel.T  # (H, W, 4 * out)
         y = y.reshape(h, w, 2, 2, -1).transpose(0, 2, 1, 3, 4).reshape(2 * h, 2 * w, -1)
         return y + self.bias
 
@@ -810,13 +850,17 @@ def reference_conv(weight, bias, x, stride=1, padding=(0, 0), dilation=1, layout
 _x = jax.random.normal(jax.random.PRNGKey(0), (8, 6, 5))
 for _conv, _expected in [
         (Conv(5, 7, 3, key=jax.random.PRNGKey(1), padding=1), dict(padding=(1, 1))),  # NCA perception
-        (Conv(5, 7, 5, key=jax.random.PRNGKey(2), stride=2, padding=2), dict(stride=2, padding=(2, 2))),  # encoder
+        (Conv(5, 7, 5, key=jax.random.PRNGKey(2), stride=2, padding=2, gather=True), dict(stride=2, padding=(2, 2))),  # encoder
         (Conv(5, 1, 5, key=jax.random.PRNGKey(4)), dict()),  # the baseline's last layer
         (UpConv(5, 7, key=jax.random.PRNGKey(3)), dict(padding=(2, 3), dilation=2, layout="HWIO"))]:  # transposed, stride 2
     _reference = reference_conv(_conv.weight, _conv.bias, _x, **_expected)
     assert _conv(_x).shape == _reference.shape, (_conv(_x).shape, _reference.shape)
     assert jnp.allclose(_conv(_x), _reference, atol=1e-4), "im2col must equal lax.conv"
 assert UpConv(5, 7, key=jax.random.PRNGKey(3))(_x).shape == (16, 12, 7), "stride-2 transposed doubles"
+for _k, _stride in [(3, 1), (5, 2)]:  # one gather or k*k slices: the same windows and the same gradient
+    _windows, _back = jax.vjp(lambda x: neighbourhoods(x, _k, _stride), _x)
+    _copies, _back_copies = jax.vjp(lambda x: shifted_copies(x, _k, _stride), _x)
+    assert (_windows == _copies).all() and (_back(_windows)[0] == _back_copies(_copies)[0]).all()
 _bound = 1 / math.sqrt(75)  # PyTorch's uniform initialisation, drawn flat (torch_uniform) or in its shape: the same numbers
 assert (torch_uniform(jax.random.PRNGKey(5), (4, 5, 5, 3), 75)
         == jax.random.uniform(jax.random.PRNGKey(5), (4, 5, 5, 3), minval=-_bound, maxval=_bound)).all()
@@ -835,7 +879,7 @@ class Encoder(eqx.Module):
     def __init__(self, latent: int, *, key: jax.Array):
         keys = jax.random.split(key, 6)
         widths = [1, 32, 64, 128, 256, 512]
-        self.convs = [Conv(widths[i], widths[i + 1], 5, key=keys[i], stride=1 if i == 0 else 2, padding=2)
+        self.convs = [Conv(widths[i], widths[i + 1], 5, key=keys[i], stride=1 if i == 0 else 2, padding=2, gather=True)
                       for i in range(5)]
         self.head = Dense(2048, 2 * latent, key=keys[5])
 
@@ -2875,6 +2919,9 @@ else:
 # | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
 # | channels-first NCA state, so that no weight gradient needs a transpose | no | Zen: slower (39 % on one 32x32 stage): XLA inserted transposes of its own |
 # | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. Writing each stride-2 convolution as a 3x3 convolution over 2x2 space-to-depth blocks (9 copies instead of 25, the kernel padded to 6x6) compiled the gradient in 1.4-1.7 s instead of 2.3-2.7 s, but it ran 3.2x slower for 2 images and 1.7x slower for 32. That trades compile seconds for the baseline's step time, 100,000 times |
+# | the encoder's neighbourhood stacks read by one gather from constant indices, with the gradient of the slices written by hand (`neighbourhoods`, a `jax.custom_vjp`), instead of 25 slices concatenated per layer (`shifted_copies`) | yes | Xeon, 2026-11-30, in a slow spell (the doubling step took 20-22 s where the committed estimate read 14.8 s): XLA had made a kernel of each of the encoder's 125 slices; with the gather, the encoder's gradient alone compiled in 0.8-0.9 s instead of 3.5-4.2 s. Whole steps compiled in one process (tracing, lowering and XLA), two processes: doubling 11.7 and 13.0 s instead of 13.4 and 15.9 s, baseline 8.6 and 9.2 s instead of 10.5 and 9.9 s. Called in turn, the order rotated, seven calls each: doubling 20.9 s per step (median) against 20.6 s. The encoder's own gradient ran 10-13 % slower (126 ms against 112 ms at batch 32, median of 40), a few per cent of the baseline's step: XLA fuses the previous layer's bias and ELU into the gather |
+# | the same gather for every layer: the NCA's perception and the baseline's decoder too | no | Xeon, same spell: the doubling step compiled in 9.0-11.5 s against 12.0-15.9 s with the slices (five processes), but ran 6 % slower (21.9 s against 20.6 s, the order rotated, seven calls each), and the baseline decoder's gradient ran 20-29 % slower: XLA fused the update's sum and the up-convolution's interleaving into the gather, which then reads scattered memory |
+# | the residual blocks' weights stacked and run by one `lax.scan` over the blocks (one compiled block instead of four) | no | Xeon, same spell: the doubling step's program had 779 kernels instead of 1005, and its loss and gradient compiled in 9.7-10.5 s instead of 11.1-11.8 s; but the step ran slower, 26.2 s against 22.4 s (median of four calls in turn), as the scan copies each block's activations in and out of stacked buffers |
 # | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
 # | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (Zen, JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
 # | the notebook's compile time, most of CI's smoke test: parameters drawn as flat vectors and reshaped (`torch_uniform`, the same numbers); training steps cached by the settings they read (`train_step_for`), so that the resume check reuses the step the smoke preset compiled for its estimate; the micro-batch check as one compiled program per decoder instead of three; the reconstruction figure and the forward-pass timing sharing `encode_batch`'s compiled shapes | yes | XLA compiled one `jax.random.uniform` per parameter shape (44 programs, 21 s in a smoke run; about 0.2 s for a 1-D draw, 0.7 s for a 4-D one): initialising the three models of four settings took 7.4 s instead of 20.2 s. The smoke test (`VNCA_MODE=smoke pytest --nbval-lax`, one device, Xeon) took 300 s, against 331 s for the notebook before the cost estimate existed, run one after the other (an earlier pair: 302 s and 321 s), and 349-362 s before these changes |
@@ -2895,7 +2942,7 @@ else:
 #   layers: half of a doubling step's products once more. A training step so does about 3.5
 #   forward passes' worth of products, while the efficiency counts 3; that alone caps it at 86 %.
 # - *Element-wise passes.* Between the products sit passes that stream activations through memory:
-#   ELU and its derivative, residual sums, the shifted copies of the 3x3 neighbourhoods and, in
+#   ELU and its derivative, residual sums, the stacking of the 3x3 neighbourhoods and, in
 #   the backward pass, the sums that undo them. In a profile of one 32x32 stage on the Xeon they
 #   took about 22 % of the time; the matrix products took the rest.
 # - *Small products.* A step's 1x1 layers are products of 2048 cells by 256 by 256 per
