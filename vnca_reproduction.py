@@ -756,17 +756,22 @@ class Dense(eqx.Module):
         return x @ self.weight.T + self.bias
 
 
+def windows_out(shape: tuple[int, ...], k: int, stride: int) -> tuple[int, int]:
+    """(H', W'): how many k x k windows, `stride` apart, fit in a grid of `shape` (H, W, ...)."""
+    return (shape[0] - k) // stride + 1, (shape[1] - k) // stride + 1
+
+
 def shifted_copies(x: jax.Array, k: int, stride: int = 1) -> jax.Array:
     """The k x k windows of a (padded) (H, W, C) grid stacked along channels, (H', W', k*k*C), as k*k
     shifted (strided) slices concatenated."""
-    h_out, w_out = (x.shape[0] - k) // stride + 1, (x.shape[1] - k) // stride + 1
+    h_out, w_out = windows_out(x.shape, k, stride)
     return jnp.concatenate([x[dy:dy + stride * (h_out - 1) + 1:stride, dx:dx + stride * (w_out - 1) + 1:stride]
                             for dy in range(k) for dx in range(k)], axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _gathered(x: jax.Array, k: int, stride: int, shape: tuple[int, int, int]) -> jax.Array:
-    h_out, w_out = (shape[0] - k) // stride + 1, (shape[1] - k) // stride + 1
+    h_out, w_out = windows_out(shape, k, stride)
     rows = stride * np.arange(h_out)[:, None] + np.arange(k)  # (output row, dy) -> row read
     cols = stride * np.arange(w_out)[:, None] + np.arange(k)  # (output column, dx) -> column read
     return x[rows[:, None, :, None], cols[None, :, None, :]].reshape(h_out, w_out, k * k * shape[2])
@@ -1708,7 +1713,7 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
 #   call's time less the second's, which also counts the first run's allocations). The compiled
 #   step is kept, so training with the same settings and shapes does not compile it again;
 # - **seconds per optimiser step** at the paper's global batch, the median of three to five calls
-#   after a warm-up call. Where a step at the paper's batch would take over 30 s (projected from its
+#   after a warm-up call. Where a step at the paper's batch would take over a minute (projected from its
 #   arithmetic at a quarter of the matmul peak, then from a timing at 8 images per device), the
 #   step is timed at 8 images per device and scaled linearly to the paper's batch, and the table
 #   says so;
@@ -1738,7 +1743,8 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
 # **Levers.** The same measurement, repeated with one setting changed, shows what each lever
 # gives on these devices (table below): decoding the batch in micro-batches (CPU; `micro_batch`),
 # `jax.checkpoint` on each NCA step (memory for recomputation), and the number of optimiser steps
-# per pmap call (one, or `lever_inner_steps`: 10; 2 in the `smoke` preset). For the non-doubling
+# per pmap call (one, or `lever_inner_steps`: 10; 2 in the `smoke` preset). To keep the estimate
+# short, a lever's timing counts the call after compiling as the first of its three. For the non-doubling
 # model it times the step at $T = 32$ and $T = 64$, which must differ by about a factor of two
 # (`grow_for` runs exactly $T$ steps).
 
@@ -1802,7 +1808,7 @@ print("forward pass, paper sizes: " + ", ".join(
 # the same `drawn_steps` as training.
 
 # %%
-LONGEST_TIMED_STEP_S = 30.0  # a step projected to take longer is timed at a smaller batch and scaled
+LONGEST_TIMED_STEP_S = 60.0  # a step projected to take longer is timed at a smaller batch and scaled
 PROBE_PER_DEVICE = 8  # images per device of that smaller batch
 ASSUMED_EFFICIENCY = 0.25  # for the first projection, from the arithmetic alone
 
@@ -1829,13 +1835,15 @@ def call_key_for_steps(n_steps: int, config: Config) -> jax.Array:
 
 
 def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax.Array, mesh: Mesh,
-                    steps_drawn: tuple[int | None, ...] = (None,), budget_s: float = 3.0) -> dict:
+                    steps_drawn: tuple[int | None, ...] = (None,), budget_s: float = 3.0,
+                    second_timed: bool = False) -> dict:
     """Compile time, seconds per optimiser step and memory of `name`'s pmap'd step at global `batch`.
 
     Compile time is what JAX reports for the first call's tracing, lowering and XLA compilation,
     or, where it reports none, the first call's time less the second's. Then each entry of steps_drawn (a
     non-doubling T, or None for the seed's key) is timed as the median of 3 to 5 calls (more if they
-    fit in about budget_s); entries that are compared get 5 calls each, taken in turn."""
+    fit in about budget_s); entries that are compared get 5 calls each, taken in turn. With
+    second_timed (one entry only), the second call, the first after compiling, is one of the 3 to 5."""
     settings = config.models()[name]
     model = make_model(name, settings.latent, config, jax.random.PRNGKey(config.seed))
     optimizer = make_optimizer(config)
@@ -1859,7 +1867,10 @@ def time_train_step(name: str, config: Config, batch: int, train_on_devices: jax
     state, second = call(state, keys[0])
     repeats = 5 if len(keys) > 1 else max(3, min(5, int(budget_s / second)))
     seconds = [[] for _ in keys]
-    for _ in range(repeats):  # in turn, so that a slow spell of the machine does not favour one entry
+    if second_timed:
+        assert len(keys) == 1, "second_timed times one entry of steps_drawn"
+        seconds[0].append(second / config.inner_steps)
+    for _ in range(repeats - len(seconds[0])):  # in turn, so that a slow spell of the machine does not favour one entry
         for key, times in zip(keys, seconds):
             state, s = call(state, key)
             times.append(s / config.inner_steps)
@@ -1929,7 +1940,8 @@ def model_costs(name: str, target: Config, peak: float, train_on_devices, test_o
 
 
 def lever_costs(target: Config, models: dict, train_on_devices, mesh, log) -> list[dict]:
-    """Step times with one setting changed from the target's, at the batch of each model's main timing."""
+    """Step times with one setting changed from the target's, at the batch of each model's main timing.
+    To keep the estimate short, the first call after compiling is one of the calls timed."""
     per_device_batch = models["doubling"]["timed_batch"] // n_devices
     sliced = jax.default_backend() == "cpu" and any(0 < m < per_device_batch for m in target.micro_batch)
     cases = [  # (model, lever, setting of the target, other setting, config with the other setting)
@@ -1945,7 +1957,7 @@ def lever_costs(target: Config, models: dict, train_on_devices, mesh, log) -> li
     rows = []
     for name, lever, ours, other, other_config in cases:
         main = models[name]
-        timing = time_train_step(name, other_config, main["timed_batch"], train_on_devices, mesh)
+        timing = time_train_step(name, other_config, main["timed_batch"], train_on_devices, mesh, second_timed=True)
         step_s = timing["step_s"] * main["batch"] / main["timed_batch"]
         rows.append({"model": name, "lever": lever, "kept": ours, "kept_step_s": main["step_s"],
                      "other": other, "other_step_s": step_s, "other_compile_s": timing["compile_s"]})
@@ -2895,7 +2907,7 @@ else:
 # **Levers we tried.** The table above measures some of them in the run (micro-batches only where a
 # device's batch is larger than a slice). The others were measured during development on two
 # 2-core machines: an AMD Zen 5 (matmul peak about 450-470 GFLOP/s), where the earlier estimates
-# ran, and the Intel Xeon with AVX-512 (240-370 GFLOP/s, varying over minutes) that ran the
+# ran, and the Intel Xeon with AVX-512 (190-370 GFLOP/s, varying over minutes) that ran the
 # committed one. "Zen" or "Xeon" says which. "One 32x32 stage" is a gradient through 8 NCA
 # steps of 2 images at latent 256, the bulk of a doubling training step.
 #
@@ -2919,7 +2931,7 @@ else:
 # | XLA:CPU's oneDNN library for the matrix products (`--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT`) | no | Xeon: it took the weight-gradient products; one 32x32 stage ran 3-14 % faster in three runs, within the machine's noise of about ±10 %. The flags are experimental, and a jaxlib that does not know them stops at start-up |
 # | channels-first NCA state, so that no weight gradient needs a transpose | no | Zen: slower (39 % on one 32x32 stage): XLA inserted transposes of its own |
 # | fewer operations for the encoder's 5x5 neighbourhood stacks (25 shifted copies each, a large part of the step's compile time) | no | Xeon: stacking them in two passes (5 column shifts, then 5 row shifts) compiled the encoder's gradient in 1.7 s instead of 2.3 s, one gather in about a fifth of the time; but the encoder's gradient then ran 32 % and 23 % slower. Writing each stride-2 convolution as a 3x3 convolution over 2x2 space-to-depth blocks (9 copies instead of 25, the kernel padded to 6x6) compiled the gradient in 1.4-1.7 s instead of 2.3-2.7 s, but it ran 3.2x slower for 2 images and 1.7x slower for 32. That trades compile seconds for the baseline's step time, 100,000 times |
-# | the encoder's neighbourhood stacks read by one gather from constant indices, with the gradient of the slices written by hand (`neighbourhoods`, a `jax.custom_vjp`), instead of 25 slices concatenated per layer (`shifted_copies`) | yes | Xeon, 2026-11-30, in a slow spell (the doubling step took 20-22 s where the committed estimate read 14.8 s): XLA had made a kernel of each of the encoder's 125 slices; with the gather, the encoder's gradient alone compiled in 0.8-0.9 s instead of 3.5-4.2 s. Whole steps compiled in one process (tracing, lowering and XLA), two processes: doubling 11.7 and 13.0 s instead of 13.4 and 15.9 s, baseline 8.6 and 9.2 s instead of 10.5 and 9.9 s. Called in turn, the order rotated, seven calls each: doubling 20.9 s per step (median) against 20.6 s. The encoder's own gradient ran 10-13 % slower (126 ms against 112 ms at batch 32, median of 40), a few per cent of the baseline's step: XLA fuses the previous layer's bias and ELU into the gather |
+# | the encoder's neighbourhood stacks read by one gather from constant indices, with the gradient of the slices written by hand (`neighbourhoods`, a `jax.custom_vjp`), instead of 25 slices concatenated per layer (`shifted_copies`) | yes | Xeon, 2026-11-30, in a slow spell (the doubling step took 20-22 s where the estimate of 2026-11-24 23:18 read 14.8 s): XLA had made a kernel of each of the encoder's 125 slices; with the gather, the encoder's gradient alone compiled in 0.8-0.9 s instead of 3.5-4.2 s. Whole steps compiled in one process (tracing, lowering and XLA), two processes: doubling 11.7 and 13.0 s instead of 13.4 and 15.9 s, baseline 8.6 and 9.2 s instead of 10.5 and 9.9 s. Called in turn, the order rotated, seven calls each: doubling 20.9 s per step (median) against 20.6 s. The encoder's own gradient ran 10-13 % slower (126 ms against 112 ms at batch 32, median of 40), a few per cent of the baseline's step: XLA fuses the previous layer's bias and ELU into the gather |
 # | the same gather for every layer: the NCA's perception and the baseline's decoder too | no | Xeon, same spell: the doubling step compiled in 9.0-11.5 s against 12.0-15.9 s with the slices (five processes), but ran 6 % slower (21.9 s against 20.6 s, the order rotated, seven calls each), and the baseline decoder's gradient ran 20-29 % slower: XLA fused the update's sum and the up-convolution's interleaving into the gather, which then reads scattered memory |
 # | the residual blocks' weights stacked and run by one `lax.scan` over the blocks (one compiled block instead of four) | no | Xeon, same spell: the doubling step's program had 779 kernels instead of 1005, and its loss and gradient compiled in 9.7-10.5 s instead of 11.1-11.8 s; but the step ran slower, 26.2 s against 22.4 s (median of four calls in turn), as the scan copies each block's activations in and out of stacked buffers |
 # | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
@@ -2955,25 +2967,37 @@ else:
 # few per cent of the step's time.
 #
 # **How far one estimate can be trusted here.** On this shared 2-core machine the share moves
-# with the machine's load by more than the margins to the targets. Four estimates of the kept
-# configuration over two days (the committed one and three others, one of which counted the
-# second call among the timed ones):
+# with the machine's load by more than the margins to the targets. Seven estimates over three
+# days, the first four of the code before the encoder's gather (section 4), the last three of
+# the code as it is (the committed one is the last):
 #
-# | estimate | matmul peak, start / end (GFLOP/s) | doubling s/step | of peak | doubling compile | non-doubling T=64 / T=32 | estimate's own time |
-# |---|---|---|---|---|---|---|
-# | committed, 2026-11-24 23:18 | 244 / 278 | 14.8 | 60 % | 10.0 s | 1.83x | 7.8 min |
-# | 2026-11-24 22:56 | 264 / 305 | 19.3 | 42 % | not kept | not kept | not kept |
-# | 2026-11-29 21:02 | 236 / at most 236 | 18.3 | 58 % | 10.7 s | 1.99x | 10.2 min |
-# | 2026-11-29 21:48 | 257 / 280 | 19.4 | 46 % | 13.6 s | 2.05x | 8.7 min |
+# | estimate | code | matmul peak, start / end (GFLOP/s) | doubling s/step | of peak | doubling compile | non-doubling T=64 / T=32 | estimate's own time |
+# |---|---|---|---|---|---|---|---|
+# | 2026-11-24 22:56 | slices | 264 / 305 | 19.3 | 42 % | not kept | not kept | not kept |
+# | 2026-11-24 23:18 (committed until 2026-11-30) | slices | 244 / 278 | 14.8 | 60 % | 10.0 s | 1.83x | 7.8 min |
+# | 2026-11-29 21:02 | slices | 236 / at most 236 | 18.3 | 58 % | 10.7 s | 1.99x | 10.2 min |
+# | 2026-11-29 21:48 | slices | 257 / 280 | 19.4 | 46 % | 13.6 s | 2.05x | 8.7 min |
+# | 2026-11-30 03:53 | gather | 206 / 253 | 21.6 | 45 % | 12.5 s | 1.81x | 9.7 min |
+# | 2026-11-30 04:27 | gather | 203 / 242 | 30.4 (timed at 8 images) | 34 % | 12.5 s | 2.45x | 4.9 min |
+# | **2026-11-30 04:40 (committed)** | gather | 191 / 220 | 22.3 | 51 % | 10.9 s | 2.68x | 9.8 min |
 #
-# The step's time moved by a third, while the matmul peak timed in the same runs moved less and
+# The step's time moved by half, while the matmul peak timed in the same runs moved less and
 # not with it (a 19.3 s step came with the highest peak, 305 GFLOP/s). So the efficiency and
 # compile figures in the table above are readings of one run, not margins: the doubling step
-# meets or nearly meets its targets in some runs (60 % and 10.0 s; 58 % and 10.7 s) and clearly
-# misses them in others (42-46 %; 13.6 s). The cost's proportion to $T$ held in every run that
-# kept it. The estimate's own time leaves out the two minutes or so of loading data and running
-# the checks before it, so the whole `VNCA_MODE=estimate` command took about 10 minutes in the
-# committed run's spell and 10.7 minutes for the 21:48 one.
+# met or nearly met its targets in some runs (60 % and 10.0 s; 58 % and 10.7 s) and missed them
+# in others. The last three ran in a slow spell of the machine (the lowest matmul peaks of all
+# seven), where the encoder's gather, compared side by side with the slices in that spell, cut
+# the doubling step's compile time by 15-20 % (levers table). In the same spell the non-doubling
+# step's cost grew faster than $T$ (2.45x and 2.68x), where it had been 1.81-2.05x in the
+# four runs before, and 1.81x in the first of these three; the code that draws $T$ and runs
+# exactly $T$ steps did not change between them. The run at 04:27 projected the doubling step
+# at the paper's batch over its threshold for timing at a smaller batch, then 30 s, and timed it
+# at 8 images, where the micro-batches are smaller; the threshold is now a minute, so the
+# doubling step is timed at its own batch of 32 here. The 04:27
+# and 04:40 runs timed each lever with the first call after compiling counted among its three
+# calls, which saves a call per lever. The estimate's own time leaves out loading data and
+# running the checks before it (1.3-1.5 minutes today), so the whole `VNCA_MODE=estimate`
+# command took 6.2 minutes for the 04:27 run and 11.3 minutes for the committed one.
 # We had no TPU or GPU to measure; on one, the `full` preset prints this estimate before it trains.
 
 
@@ -3077,10 +3101,10 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   convolution as one matrix product, and the transposed convolutions by their four output
 #   parities, made the training steps several times faster when we measured them during
 #   development (the baseline's most); section 10 gives this run's throughput.
-# - *Efficiency on CPU.* Even so, the doubling VNCA's training step only just reaches the 60 %
-#   of the CPU's matrix-product speed that we aimed for in the committed estimate, and falls
-#   short of it in slow spells of the shared machine (42-58 % in three other estimates; section
-#   10 measures it and says what bounds it). Micro-batches helped (two images at a time for the 32x32 stage, sixteen for the
+# - *Efficiency on CPU.* Even so, the doubling VNCA's training step reached the 60 % of the
+#   CPU's matrix-product speed that we aimed for in only one of seven estimates, and fell short
+#   of it in slow spells of the shared machine (34-58 % in the others, 51 % in the committed
+#   one; section 10 measures it and says what bounds it). Micro-batches helped (two images at a time for the 32x32 stage, sixteen for the
 #   smaller ones), and so did a checkpoint policy that keeps only the 3x3 perception's output
 #   and weights stored one row per output channel; a policy that keeps every matrix product,
 #   and more images at a time in the 32x32 stage, did not.
