@@ -2990,7 +2990,10 @@ else:
 # the doubling step's compile time by 15-20 % (levers table). In the same spell the non-doubling
 # step's cost grew faster than $T$ (2.45x and 2.68x), where it had been 1.81-2.05x in the
 # four runs before, and 1.81x in the first of these three; the code that draws $T$ and runs
-# exactly $T$ steps did not change between them. The run at 04:27 projected the doubling step
+# exactly $T$ steps did not change between them. Timed again on its own after the `cpu` run
+# (`time_train_step` as the estimate calls it, four times in two processes), the same step
+# gave 3.25-3.32 s at $T = 32$ and 6.41-7.83 s at $T = 64$: 1.98x, 1.99x, 2.09x and 2.36x. So
+# it is the $T = 64$ timing that is noisy here, not the cost that stops following $T$. The run at 04:27 projected the doubling step
 # at the paper's batch over its threshold for timing at a smaller batch, then 30 s, and timed it
 # at 8 images, where the micro-batches are smaller; the threshold is now a minute, so the
 # doubling step is timed at its own batch of 32 here. The 04:27
