@@ -1744,7 +1744,7 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
 # gives on these devices (table below): decoding the batch in micro-batches (CPU; `micro_batch`),
 # `jax.checkpoint` on each NCA step (memory for recomputation), and the number of optimiser steps
 # per pmap call (one, or `lever_inner_steps`: 10; 2 in the `smoke` preset). To keep the estimate
-# short, a lever's timing counts the call after compiling as the first of its three. For the non-doubling
+# short, a lever's timing counts the call after compiling as the first of its three to five. For the non-doubling
 # model it times the step at $T = 32$ and $T = 64$, which must differ by about a factor of two
 # (`grow_for` runs exactly $T$ steps).
 
