@@ -2951,8 +2951,10 @@ else:
 # | the encoder's neighbourhood stacks read by one gather from constant indices, with the gradient of the slices written by hand (`neighbourhoods`, a `jax.custom_vjp`), instead of 25 slices concatenated per layer (`shifted_copies`) | yes | Xeon, 2026-11-30, in a slow spell (the doubling step took 20-22 s where the estimate of 2026-11-24 23:18 read 14.8 s): XLA had made a kernel of each of the encoder's 125 slices; with the gather, the encoder's gradient alone compiled in 0.8-0.9 s instead of 3.5-4.2 s. Whole steps compiled in one process (tracing, lowering and XLA), two processes: doubling 11.7 and 13.0 s instead of 13.4 and 15.9 s, baseline 8.6 and 9.2 s instead of 10.5 and 9.9 s. Called in turn, the order rotated, seven calls each: doubling 20.9 s per step (median) against 20.6 s. The encoder's own gradient ran 10-13 % slower (126 ms against 112 ms at batch 32, median of 40), a few per cent of the baseline's step: XLA fuses the previous layer's bias and ELU into the gather |
 # | the same gather for every layer: the NCA's perception and the baseline's decoder too | no | Xeon, same spell: the doubling step compiled in 9.0-11.5 s against 12.0-15.9 s with the slices (five processes), but ran 6 % slower (21.9 s against 20.6 s, the order rotated, seven calls each), and the baseline decoder's gradient ran 20-29 % slower: XLA fused the update's sum and the up-convolution's interleaving into the gather, which then reads scattered memory |
 # | the optimiser on one flat vector of all parameters (`optax.flatten` around the clip and Adam) instead of on each weight array | yes | Xeon, 2026-11-30, a slow spell: the clip and Adam had been about 165 of the doubling step's 1,100 XLA kernels, a few small ones per array. Compiled in one process, in turn, three times each (lowering and XLA): doubling 10.7-10.9 s instead of 11.4-13.0 s, baseline 5.8-7.4 s instead of 7.1-9.3 s. Steps no slower within the machine's noise (baseline 0.52-0.79 s per step against 0.60-0.82 s, eight calls each; doubling 22.6 and 24.3 s against 22.9 and 26.7 s). The update is the same; the gradient's global norm is summed in another order |
-# | glibc's allocator told to keep freed memory (one arena, no `mmap` for large blocks, no trimming), so that the buffers XLA:CPU allocates afresh for every call are not page-faulted in again each time | no | Xeon, 2026-11-30, one process each: the non-doubling step at 8 images (timed as the estimate does) made 5.8 M page faults in its twelve calls and spent 19 s of its 116 CPU-seconds in the kernel. With `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295` set before the process started: 0.5 M faults, 4 s in the kernel, $T = 32$ in 2.73 s instead of 3.60 s and $T = 64$ in 4.44 s instead of 6.78 s. The same settings made from inside the process before importing JAX (`mallopt` through `ctypes`), as a notebook could: 1.5 M faults, 3.15 s and 5.77 s; the doubling step 21.7 s with 0.03 M faults in five calls (0.26 M per call before), but it compiled in 14.9 s and the non-doubling step in 11.3 s (10.4 and 8.4 s in the estimate just before), probably because one arena makes the compiler's threads wait for each other's allocations. Not kept: process-wide, glibc-only, best set before the kernel starts, and it slows compiling; a lead for long CPU runs |
+# | glibc's allocator told to keep freed memory (one arena, no `mmap` for large blocks, no trimming), so that the buffers XLA:CPU allocates afresh for every call are not page-faulted in again each time | no | Xeon, 2026-11-30, one process each: the non-doubling step at 8 images (timed as the estimate does) made 5.8 M page faults in its twelve calls and spent 19 s of its 116 CPU-seconds in the kernel. With `GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967295` set before the process started: 0.5 M faults, 4 s in the kernel, $T = 32$ in 2.73 s instead of 3.60 s and $T = 64$ in 4.44 s instead of 6.78 s. The same settings made from inside the process before importing JAX (`mallopt` through `ctypes`), as a notebook could: 1.5 M faults, 3.15 s and 5.77 s; the doubling step 21.7 s with 0.03 M faults in five calls (0.26 M per call before), but it compiled in 14.9 s and the non-doubling step in 11.3 s (10.4 and 8.4 s in the estimate just before), probably because one arena makes the compiler's threads wait for each other's allocations. Without the single arena (no `mmap` for large blocks and no trimming only), the doubling step in one process each: 23.6 s per step against 25.3 s, compiled in 11.0 s against 12.0 s, 9.7 s in the kernel against 14.8 s, within the machine's noise. Not kept: process-wide, glibc-only, best set before the kernel starts, and it slows compiling; a lead for long CPU runs |
 # | the residual blocks' weights stacked and run by one `lax.scan` over the blocks (one compiled block instead of four) | no | Xeon, same spell: the doubling step's program had 779 kernels instead of 1005, and its loss and gradient compiled in 9.7-10.5 s instead of 11.1-11.8 s; but the step ran slower, 26.2 s against 22.4 s (median of four calls in turn), as the scan copies each block's activations in and out of stacked buffers |
+# | `jax.checkpoint` only on the large stages (the 16x16 and 32x32, or the 32x32 alone), the small ones keeping all their values for the backward pass | no | Xeon, 2026-11-30: the program had more kernels, not fewer (866 and 910 against 734: the recomputation shares the forward pass's kernels, the stored values need their own), compiled in 10.7 s and 9.6-10.8 s against 9.4-10.0 s (lowering and XLA, two each), and ran slower: 20.8 s and 24.9 s per step against 19.5 s (median of four calls in turn) |
+# | smaller changes to what is traced: `jax.checkpoint(..., prevent_cse=False)` inside the scan; ELU written with its derivative from its output (`jax.custom_jvp`); ELU without `jax.nn.elu`'s nested `jax.jit` (110 nested calls in the traced gradient); LLVM at optimisation level 1 (`--xla_backend_optimization_level=1`) | no | Xeon, 2026-11-30, two compilations and four calls of each in turn: the first three gave the same compiled program (734 kernels), compiled in 8.1-10.7 s both ways and ran within 1 % by the median (20.7 s against 20.9 s; 20.4 s against 20.6 s); tracing the gradient took 1.3-1.5 s with or without the nested `jax.jit`. Level 1: 9.8-10.3 s to compile against 10.4-10.6 s at the default level, in separate processes, and no faster steps (24.0 s against 22.0 s, median of three) |
 # | larger per-pass batches | no | Zen: slower per image; the micro-batch lever above goes the other way |
 # | donating the model, optimiser and pool buffers to the step (`donate_argnums`) | yes | the step writes them in place instead of copying them: in a development check, updating 8 entries of a paper-sized pool (1024 grids of 32x32x128 cells, 512 MB) took 0.2 ms per call instead of 200 ms (Zen, JAX 0.10.2; 0.5 ms vs 254 ms on JAX 0.4.30) |
 # | the notebook's compile time, most of CI's smoke test: parameters drawn as flat vectors and reshaped (`torch_uniform`, the same numbers); training steps cached by the settings they read (`train_step_for`), so that the resume check reuses the step the smoke preset compiled for its estimate; the micro-batch check as one compiled program per decoder instead of three; the reconstruction figure and the forward-pass timing sharing `encode_batch`'s compiled shapes | yes | XLA compiled one `jax.random.uniform` per parameter shape (44 programs, 21 s in a smoke run; about 0.2 s for a 1-D draw, 0.7 s for a 4-D one): initialising the three models of four settings took 7.4 s instead of 20.2 s. The smoke test (`VNCA_MODE=smoke pytest --nbval-lax`, one device, Xeon) took 300 s, against 331 s for the notebook before the cost estimate existed, run one after the other (an earlier pair: 302 s and 321 s), and 349-362 s before these changes |
@@ -2986,9 +2988,9 @@ else:
 # few per cent of the step's time.
 #
 # **How far one estimate can be trusted here.** On this shared 2-core machine the share moves
-# with the machine's load by more than the margins to the targets. Eight estimates on three
+# with the machine's load by more than the margins to the targets. Nine estimates on three
 # days: the first four of the code before the encoder's gather (section 4), the next three with
-# it, the last (committed) one of the code as it is, with the optimiser on one flat vector and the
+# it, the last two of the code as it is, with the optimiser on one flat vector and the
 # efficiency divided by the sustained matmul rate (the earlier ones divided by the fastest of ten
 # calls, a burst rate):
 #
@@ -3002,17 +3004,22 @@ else:
 # | 2026-11-30 04:27 | gather | 203 / 242 | 30.4 (timed at 8 images) | 34 % | 12.5 s | 2.45x | 4.9 min |
 # | 2026-11-30 04:40 | gather | 191 / 220 | 22.3 | 51 % | 10.9 s | 2.68x | 9.8 min |
 # | **2026-11-30 07:34 (committed)** | gather, flat optimiser | sustained 188 / at most 188; burst 210 / 231 | 23.2 | 57 % of the sustained rate, 46 % of the burst | 10.4 s | 1.69x | 7.3 min |
+# | 2026-11-30 10:23 | gather, flat optimiser | sustained 226 (the higher of start and end); burst 260 | 22.0 | 50 % of the sustained rate, 43 % of the burst | 10.5 s | 1.91x | 7.3 min |
 #
 # The step's time moved by half, while the matmul peak timed in the same runs moved less and
 # not with it (a 19.3 s step came with the highest peak, 305 GFLOP/s). So the efficiency and
 # compile figures in the table above are readings of one run, not margins: the doubling step
 # met or nearly met its targets in some runs (60 % and 10.0 s; 58 % and 10.7 s) and missed them
-# in others. The last four ran in a slow spell of the machine (the lowest matmul rates of all
-# eight). Compared side by side in that spell, the encoder's gather cut the doubling step's
+# in others. The 03:53-07:34 runs were in a slow spell of the machine (the lowest matmul rates
+# of all nine). Compared side by side in that spell, the encoder's gather cut the doubling step's
 # compile time by 15-20 %, and the flat optimiser by another 1-2 s (levers table); the
 # committed run still read 10.4 s. Its fastest matmul call ran 1.11x the median one at the
 # start and at least 1.23x at the end, which is why the efficiency now divides by the median
-# (sustained) rate, like-for-like with the step's median time.
+# (sustained) rate, like-for-like with the step's median time. The run at 10:23, of the same
+# code three hours later, read a faster matmul (226 GFLOP/s sustained against 188) and a faster
+# doubling step (22.0 s against 23.2 s), but a lower share, 50 %, and 10.5 s to compile; its
+# whole `VNCA_MODE=estimate` command took 8.6 minutes too. Both runs miss the same two targets.
+# The committed estimate stays the 07:34 one, with which this report's outputs were run.
 #
 # The non-doubling step's cost grew faster than $T$ in two runs of the slow spell (2.45x and
 # 2.68x), where it had been 1.81-2.05x before and was 1.69x in the committed run; the code that
@@ -3139,8 +3146,8 @@ show_markdown(findings(results, tsne_scores, config) + "\n- " + claim2_sentence)
 #   parities, made the training steps several times faster when we measured them during
 #   development (the baseline's most); section 10 gives this run's throughput.
 # - *Efficiency on CPU.* Even so, the doubling VNCA's training step reached the 60 % of the
-#   CPU's matrix-product speed that we aimed for in only one of eight estimates, and fell short
-#   of it in slow spells of the shared machine (34-58 % in the others; 57 % of the sustained
+#   CPU's matrix-product speed that we aimed for in only one of nine estimates, and fell short
+#   of it in the other eight on this shared machine (34-58 %, four of them in a slow spell; 57 % of the sustained
 #   matrix-product rate in the committed one, 46 % of the burst rate; section 10 measures it
 #   and says what bounds it). Micro-batches helped (two images at a time for the 32x32 stage, sixteen for the
 #   smaller ones), and so did a checkpoint policy that keeps only the 3x3 perception's output
