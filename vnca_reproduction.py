@@ -1400,17 +1400,12 @@ def in_slices(f: Callable, xs: jax.Array, size: int) -> jax.Array:
     return ys.reshape(len(xs), *ys.shape[2:])
 
 
-def map_in_slices(f: Callable, xs: jax.Array, size: int) -> jax.Array:
-    """jax.vmap(f)(xs) for a per-image f, computed `size` images at a time (0: all at once)."""
-    return in_slices(jax.vmap(f), xs, size)
-
-
 def decode_in_micro_batches(decoder: eqx.Module, z: jax.Array, micro_batch: tuple[int, int]) -> jax.Array:
     """The logits of a batch of latents. A doubling decoder grows its stages up to 16x16
     micro_batch[0] images at a time and its last stage micro_batch[1] at a time; others decode
     micro_batch[0] at a time (0: the whole batch at once)."""
     if not isinstance(decoder, DoublingDecoder):
-        return map_in_slices(decoder, z, micro_batch[0])
+        return in_slices(jax.vmap(decoder), z, micro_batch[0])
 
     def early_stages(state: jax.Array) -> jax.Array:
         for index in range(decoder.n_doublings):
