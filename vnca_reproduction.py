@@ -610,17 +610,14 @@ show_markdown(markdown_table(
 # %% [markdown]
 # ### Placing the data on the devices
 #
-# The replication put the whole training set on every TPU core once
-# (`jax.device_put_replicated`) and split the test set across the cores
-# (`jax.device_put_sharded`), so that the training step only receives small index arrays and
-# gathers its batches on the device. Both functions were deprecated in JAX 0.8.1 and removed in
-# 0.10. Their documented replacement is `jax.device_put` with a `NamedSharding` over a one-axis
-# `Mesh` of `jax.devices()`: an array whose leading axis has one entry per device is split along
-# that axis, one slice per device, which is exactly the layout `jax.pmap` expects for
-# `in_axes=0`, so no further copy happens when the step is called. A replicated array is the
-# same thing with the leading axis made of identical copies (`np.broadcast_to`, which costs no
-# host memory). The test set is truncated to a multiple of the device count; a reduced preset
-# evaluates a seeded random subset of it (the split is sorted by digit, so its first images are all zeros).
+# The replication put the training set on every TPU core once (`jax.device_put_replicated`) and
+# split the test set across the cores (`jax.device_put_sharded`), so that the training step only
+# receives index arrays. Both functions were removed in JAX 0.10. Their replacement is
+# `jax.device_put` with a `NamedSharding` over a one-axis `Mesh`: an array whose leading axis has
+# one entry per device is split along it, exactly the layout `jax.pmap` expects for `in_axes=0`,
+# so no copy happens at the call; a replicated array is the same with identical copies
+# (`np.broadcast_to`, no host memory). A reduced preset evaluates a seeded random subset of the
+# test set (which is sorted by digit).
 
 # %%
 def device_mesh() -> Mesh:
@@ -2577,40 +2574,43 @@ reconstructions_and_samples(models, test_images, figure_keys, config)
 # %% [markdown]
 # ### Growth of the doubling VNCA (replication Fig. 3)
 #
-# Channel 0 of every cell, as a probability, for four prior samples: the seed (2x2), then each of
-# the 8 steps of every stage, with a column after every doubling.
+# Channel 0 of every cell, as a probability, for prior samples, laid out as the replication's
+# Fig. 3: one row per stage, starting from the seed (2x2) or the doubled grid, then its 8 steps.
 
 # %%
-def doubling_growth_frames(model: VAE, z: jax.Array) -> tuple[np.ndarray, list[str]]:
-    """(samples, frames, 32, 32) channel-0 probabilities: the seed, each step, each doubling."""
+def doubling_growth_frames(model: VAE, z: jax.Array) -> np.ndarray:
+    """(samples, frames, 32, 32) channel-0 probabilities: the seed and its steps, then each doubled
+    grid and its steps, shown at 32x32 by repeating cells."""
     decoder = model.decoder
     seeds = jax.vmap(decoder.seed)(z)
     _, stages = eqx.filter_jit(jax.vmap(lambda d, s: d.grow(s, keep_states=True), in_axes=(None, 0)))(decoder, seeds)
-    frames, labels, previous = [np.asarray(seeds[..., 0])], ["seed"], None
+    frames, previous = [np.asarray(seeds[..., 0])], None
     for index, states in enumerate(stages):
         if index > 0:
             frames.append(np.asarray(jax.vmap(double)(previous)[..., 0]))
-            labels.append(f"x2 -> {frames[-1].shape[-1]}")
-        for t in range(states.shape[1]):
-            frames.append(np.asarray(states[:, t, ..., 0]))
-            labels.append(f"t={index * decoder.steps_per_stage + t + 1}")
+        frames += [np.asarray(states[:, t, ..., 0]) for t in range(states.shape[1])]
         previous = states[:, -1]
-    probabilities = np.stack([[to_32(sigmoid_np(f[i])) for f in frames] for i in range(len(z))])
-    return probabilities, labels
+    return np.stack([[to_32(sigmoid_np(f[i])) for f in frames] for i in range(len(z))])
 
 
-def plot_growth(growth: np.ndarray, labels: list[str], config: Config) -> Path:
-    fig, ax = plt.subplots(figsize=(min(0.42 * growth.shape[1], 24), 0.5 * growth.shape[0] + 1.1))
-    image_grid(ax, growth, "Doubling VNCA growing prior samples: channel 0 as probability, "
-               "seed -> each NCA step, columns 'x2' after each doubling")
-    ax.set_xticks([(i + 0.5) * 33 for i in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+def plot_growth(growth: np.ndarray, config: Config, samples: int = 2) -> Path:
+    """One panel per sample, one row per stage: the state after the doubling (the seed in the first
+    row), then each of the stage's NCA steps, at the grid's own resolution."""
+    stages, per_stage = config.n_doublings + 1, config.nca_steps_per_stage + 1
+    fig, axes = plt.subplots(1, samples, figsize=(5.2 * samples, 3.4))
+    for sample, ax in enumerate(np.atleast_1d(axes)):
+        image_grid(ax, growth[sample, :stages * per_stage].reshape(stages, per_stage, 32, 32), f"prior sample {sample + 1}")
+        ax.set_yticks([(i + 0.5) * 33 for i in range(stages)])
+        ax.set_yticklabels([f"{2 << i}x{2 << i}" for i in range(stages)], fontsize=8)
+        ax.set_xticks([(i + 0.5) * 33 for i in range(per_stage)])
+        ax.set_xticklabels(["start"] + [f"+{t}" for t in range(1, per_stage)], fontsize=8)
+    fig.suptitle("Doubling VNCA growing: channel 0 as probability; rows: stages (after each doubling), columns: NCA steps")
     return save_figure(fig, "doubling_growth", config)
 
 
-growth, growth_labels = doubling_growth_frames(
+growth = doubling_growth_frames(
     models["doubling"], jax.random.normal(figure_keys["growth"], (4, latent_size(models["doubling"]))))
-plot_growth(growth, growth_labels, config)
+plot_growth(growth, config)
 
 # %% [markdown]
 # ### Interpolation in latent space (replication Fig. 4a)
@@ -2905,9 +2905,7 @@ show_markdown(f"Non-doubling VNCA: {results['attractors']}.")
 # - *JAX's API moved:* `device_put_sharded` and `device_put_replicated`, which the replication
 #   relied on, are gone; `jax.device_put` with a `NamedSharding` replaces both.
 #
-# **Tested where.** The notebook has run on CPU only: the `cpu` preset here, and the `smoke`
-# preset in CI with 1 and 8 simulated devices and with the oldest supported JAX (0.4.30). The
-# accelerator code paths (whole-batch decoding, several devices on real hardware) have not met a
+# **Tested where.** On CPU only (see the summary at the top); no accelerator code path has met a
 # TPU or GPU.
 #
 # ## 11. References, links and licences
