@@ -89,7 +89,7 @@ for command in setup_commands(dict(os.environ), lambda m: importlib.util.find_sp
     subprocess.run(command, check=True)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_setup() -> str:
     """On Kaggle the cell installs what is missing, pinning the JAX that is there; elsewhere nothing."""
     commands = setup_commands({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"},
@@ -306,7 +306,7 @@ print(f"  test images {config.n_test:,}, importance samples {config.iw_samples},
       f"t-SNE points {config.tsne_points:,}, outputs under {Path(config.out_dir).resolve()}")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_config(config: Config, n_devices: int) -> str:
     assert make_config({}, "cpu").preset == "cpu" and make_config({}, "tpu").preset == "full"
     assert make_config({}, "cpu").micro_batch == (16, 2) and make_config({}, "gpu").micro_batch == (0, 0)
@@ -458,7 +458,7 @@ print(f"loaded in {time.perf_counter() - t0:.1f} s: "
       + ", ".join(f"{split} {images.shape}" for split, images in splits.items()))
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_loader(splits: dict[str, np.ndarray]) -> str:
     """The parser against the original text format, a truncated cache caught and rebuilt, and the
     message a reader gets with no data and no network."""
@@ -516,7 +516,7 @@ test_images_all = pad_to_32(splits["test"])
 test_labels_all = np.repeat(np.arange(10), TEST_CLASS_COUNTS).astype(np.int32)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_layout(train_images: np.ndarray, test_images_all: np.ndarray, labels: np.ndarray, config: Config) -> str:
     assert train_images.shape == (config.n_train, 1, 32, 32) and train_images.dtype == np.float32
     assert test_images_all.shape == (10_000, 1, 32, 32)
@@ -659,7 +659,7 @@ print(f"training set {train_on_devices.shape} replicated, test set {test_on_devi
       f"over {n_devices} device(s)")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_placement(train_on_devices: jax.Array, test_on_devices: jax.Array, test_images: np.ndarray,
                     test_labels: np.ndarray, train_images: np.ndarray) -> str:
     n_devices, per_device = jax.device_count(), test_on_devices.shape[1]
@@ -701,7 +701,7 @@ def batch_indices(n_images: int, seed: int, first_step: int, n_steps: int, n_dev
     return indices.reshape(n_steps, n_devices, per_device_batch).transpose(1, 0, 2).astype(np.int32)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_batch_indices() -> str:
     one_epoch = batch_indices(100, seed=1, first_step=0, n_steps=25, n_devices=2, per_device_batch=2)
     assert one_epoch.shape == (2, 25, 2) and sorted(one_epoch.transpose(1, 0, 2).ravel().tolist()) == list(range(100))
@@ -861,7 +861,7 @@ class UpConv(eqx.Module):
         return y + self.bias
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_layers() -> str:
     """Each layer against lax.conv_general_dilated; the gather and the slices against each other."""
     def reference_conv(weight, bias, x, stride=1, padding=(0, 0), dilation=1, layout="OHWI") -> jax.Array:
@@ -1026,7 +1026,7 @@ def double(z: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(z, 2, axis=-3), 2, axis=-2)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_nca_step() -> str:
     key = jax.random.PRNGKey(0)
     z = jax.random.normal(key, (6, 4, 5))
@@ -1062,7 +1062,18 @@ print(check_nca_step())
 # all the batch's cells.
 
 # %%
-class DoublingDecoder(eqx.Module):
+class NCADecoder(eqx.Module):
+    """What both NCA decoders share: the read-out, and decoding as seed, grow, read out."""
+
+    def logits(self, state: jax.Array) -> jax.Array:
+        """States (..., H, W, Z) -> logits (..., 1, H, W): channel 0 of every cell."""
+        return state[..., None, :, :, 0]
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return self.logits(self.grow(self.seed(z))[0])
+
+
+class DoublingDecoder(NCADecoder):
     update: UpdateNet
     steps_per_stage: int = eqx.field(static=True)
     n_doublings: int = eqx.field(static=True)
@@ -1098,15 +1109,9 @@ class DoublingDecoder(eqx.Module):
             state = damage(self.n_doublings + 1, state)
         return state, (stages if keep_states else None)
 
-    def logits(self, state: jax.Array) -> jax.Array:
-        """States (..., H, W, Z) -> logits (..., 1, H, W): channel 0 of every cell."""
-        return state[..., None, :, :, 0]
-
-    def __call__(self, z: jax.Array) -> jax.Array:
-        return self.logits(self.grow(self.seed(z))[0])
 
 
-class NonDoublingDecoder(eqx.Module):
+class NonDoublingDecoder(NCADecoder):
     update: UpdateNet
     size: int = eqx.field(static=True)
     t_test: int = eqx.field(static=True)
@@ -1134,12 +1139,6 @@ class NonDoublingDecoder(eqx.Module):
             state = lax.cond((extra >> bit) & 1 == 1, lambda s, b=bit: self.grow(s, 2 ** b)[0], lambda s: s, state)
         return state
 
-    def logits(self, state: jax.Array) -> jax.Array:
-        """States (..., H, W, Z) -> logits (..., 1, H, W): channel 0 of every cell."""
-        return state[..., None, :, :, 0]
-
-    def __call__(self, z: jax.Array) -> jax.Array:
-        return self.logits(self.grow(self.seed(z))[0])
 
 
 class VAE(eqx.Module):
@@ -1184,7 +1183,7 @@ assert count_parameters(update_shapes) == 1_182_208
 show_markdown(markdown_table(["model", "parameters (ours, paper sizes)", "paper / replication",
                                  f"this run (`{config.preset}`)"], rows))
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_models(images: np.ndarray) -> str:
     """Shapes and finiteness of all three models; grow_for runs exactly T steps for a traced T; the
     NCA decoders give the same logits for a batch of states as for one image's."""
@@ -1285,7 +1284,7 @@ def iwelbo(model: VAE, x: jax.Array, key: jax.Array, n_samples: int, chunk: int)
     return jax.nn.logsumexp(log_w) - math.log(n_samples)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_objective(images: np.ndarray) -> str:
     """On an untrained baseline (the hardest case for the bound's variance): IWELBO-64 >= ELBO, and
     IWELBO-1, an unbiased single-sample ELBO, matches the analytic-KL ELBO up to noise; extreme
@@ -1479,7 +1478,7 @@ def make_batch_loss(settings: StepSettings) -> Callable:
     return make_plain_loss(decode_whole_batch)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_micro_batches(images: np.ndarray) -> str:
     """Decoding in micro-batches gives the same loss and gradient as the whole batch, and the batch
     loss is minus the mean of each image's `elbo`. A small encoder stands in: this is about slicing."""
@@ -1512,7 +1511,7 @@ with jax.default_matmul_precision("float32"):  # TPUs multiply float32 in bfloat
     print(check_micro_batches(train_images))
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_pool() -> str:
     pool = jax.tree.map(jnp.asarray, empty_pool(6, 3, grid=4))
     x, new = jnp.ones((4, 1, 4, 4)), jnp.full((4, 4, 4, 3), 7.0)
@@ -1598,7 +1597,7 @@ def train_step_for(settings: StepSettings):
     return make_train_step(settings)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_step_keys() -> str:
     """Every key a step draws from is its own: no device reuses another step's shared key."""
     train_key = jax.random.PRNGKey(0)
@@ -1683,7 +1682,7 @@ def save_checkpoint(path: Path, state: TrainState, meta: dict) -> None:
                          "saved": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as file:
+    with partial.open("wb") as file:
         file.write(CHECKPOINT_MAGIC + len(header).to_bytes(8, "little") + header)
         eqx.tree_serialise_leaves(file, (state.model, state.opt_state, state.pool))
         file.flush()
@@ -1714,10 +1713,11 @@ def load_checkpoint(path: Path, like: TrainState, meta: dict) -> TrainState | No
     return TrainState(model, opt_state, pool, int(info["step"]), info["history"])
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_checkpoints_survive_kills() -> str:
-    """Kill the save before each of its file operations (opening a file to write, renaming): the
-    checkpoint that loads afterwards must always have the step of the weights it holds."""
+    """Kill the save before each of its file operations (opening a file to write, through io.open as
+    pathlib does, and renaming): the checkpoint that loads afterwards must always have the step of
+    the weights it holds."""
     from unittest import mock
 
     class Killed(BaseException):
@@ -1745,10 +1745,7 @@ def check_checkpoints_survive_kills() -> str:
                     return real(*args, **kwargs)
                 return operation
 
-            import builtins
-            import io as io_module
-            with mock.patch("builtins.open", counted(builtins.open)), mock.patch("io.open", counted(io_module.open)), \
-                    mock.patch("os.replace", counted(os.replace)):
+            with mock.patch("io.open", counted(io.open)), mock.patch("os.replace", counted(os.replace)):
                 try:
                     save_checkpoint(path, state(2), meta)
                 except Killed:
@@ -1885,7 +1882,7 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
     return to_host(model, opt_state, pool, step, history)
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_listener_and_resume(train_on_devices: jax.Array, mesh: Mesh, micro_batch: tuple[int, int]) -> str:
     """The compile clock counts each compile event once, however often its cell runs; an interrupted
     run resumes and ends exactly where an uninterrupted one ends; another run's checkpoint is refused."""
@@ -1930,7 +1927,9 @@ print(check_listener_and_resume(train_on_devices, mesh, config.micro_batch))
 # step, and projects the preset's training time from them. `VNCA_MODE=estimate` does this for the
 # `full` preset, timing 8 images per device and scaling linearly to the paper's batch, adds the
 # IWELBO-128's time per image, saves it to `data/estimate.json` and stops; appendix A puts the
-# numbers next to the machine's matrix-product speed.
+# numbers next to the machine's matrix-product speed. One step per call overstates a step whose
+# program allocates large buffers afresh each call: on this CPU the non-doubling step timed about
+# twice its speed in training (25 steps per call).
 
 # %%
 def iwelbo_seconds_per_image(name: str, config: Config, test_on_devices: jax.Array, mesh: Mesh) -> float:
@@ -1948,7 +1947,7 @@ def iwelbo_seconds_per_image(name: str, config: Config, test_on_devices: jax.Arr
 
 
 def preflight(config: Config, train_on_devices: jax.Array, test_on_devices: jax.Array, mesh: Mesh,
-              timed_per_device: int = 0, calls: int = 3, log: Callable = print, names: tuple[str, ...] | None = None,
+              timed_per_device: int = 0, calls: int = 5, log: Callable = print, names: tuple[str, ...] | None = None,
               inner_steps: int = 1, iwelbo: bool = True) -> dict:
     """Per model: compile seconds and seconds per optimiser step (the median of the calls after the
     first), timed through `train` at `timed_per_device` images per device (0: the preset's batch)."""
@@ -2028,7 +2027,7 @@ if config.stop_after_estimate:
                         f"{config.data_dir / 'estimate.json'}; nothing is trained. Unset VNCA_MODE to run the notebook.")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_stop() -> str:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -2059,7 +2058,7 @@ for name in config.model_settings():
 models = {name: state.model for name, state in trained.items()}
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_training(trained: dict[str, TrainState], config: Config) -> str:
     for name, state in trained.items():
         assert state.step == config.model_settings()[name].steps
@@ -2192,7 +2191,7 @@ show_markdown(markdown_table(
       "after 100,000 steps at the paper's sizes.")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_evaluation(evaluation: dict, n_test: int) -> str:
     for name, r in evaluation.items():
         assert r["n_images"] == n_test and np.isfinite(r["per_image"]).all()
@@ -2266,7 +2265,7 @@ show_markdown(markdown_table(
       f"({time.perf_counter() - started:.0f} s). {claim2_sentence}")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_structure(structure: dict) -> str:
     for s in structure.values():
         assert 0.0 <= s["linear_accuracy"] <= 1.0 and len(s["knn"]) == len(TSNE_SETTINGS) == len(s["maps"])
@@ -2366,7 +2365,7 @@ show_markdown(markdown_table(["measurement", "this run", "replication"], [
     + f"\n\nNon-doubling VNCA, preset `{config.preset}` ({time.perf_counter() - started:.0f} s).")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_probe_and_recovery(probe_split, n_images: int, recovery: jax.Array) -> str:
     assert not set(probe_split[0]) & set(probe_split[1]), "the probe's split must be by image"
     assert len(probe_split[0]) + len(probe_split[1]) == n_images
@@ -2434,7 +2433,7 @@ long_runs = {name: tuple(np.asarray(a) for a in run) for name, run in long_runs.
 show_markdown(stability_table(long_runs, config.t_test, DAMAGE_STEP))
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_long_runs(long_runs: dict) -> str:
     for run in long_runs.values():
         assert all(np.isfinite(a).all() for a in run), "long runs must stay finite"
@@ -2462,6 +2461,13 @@ def attractor_verdict(long_runs: dict, compare_at: int) -> str:
             "the grown digits do not settle into fixed points")
 
 
+def healing(errors: dict) -> str:
+    """How much of the damage heals, from the pixel errors just after it and after the recovery steps."""
+    ratio = errors["after_recovery"] / errors["after_damage"]
+    return ("most of the damage heals" if ratio < 0.5 else "the damage heals only in part" if ratio < 0.9
+            else "the damage does not heal in this run")
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
     """Mean and standard error of a - b over the same test images."""
     return {"mean": float((a - b).mean()), "sem": float((a - b).std() / math.sqrt(len(a)))}
@@ -2474,7 +2480,7 @@ def findings(results: dict, config: Config) -> str:
     epochs = {name: r["steps"] * r["batch"] / config.n_train for name, r in m.items()}
     listing = lambda values, form: ", ".join(f"{n} {form.format(v)}" for n, v in values.items())
     s, r = results["latent_structure"], results["damage_recovery"]
-    healed = r["after_recovery"] < 0.5 * r["after_damage"]
+    healed = healing(r)
     return "\n".join([
         f"- **Scale** (preset `{config.preset}`): {listing(epochs, '{:.2f}')} epochs of training, against "
         f"{100_000 * 32 / 60_000:.0f} (baseline, doubling) and {100_000 * 128 / 60_000:.0f} (non-doubling) in the paper; "
@@ -2493,7 +2499,7 @@ def findings(results: dict, config: Config) -> str:
         f"- **Claim 3, cells and damage:** the linear probe reads the digit from one cell of the non-doubling VNCA "
         f"with {results['linear_probe_accuracy']:.1%} accuracy (chance 10%, replication 80.37%). After damage, the "
         f"pixel error against the undamaged digit goes from {r['after_damage']:.3f} to {r['after_recovery']:.3f} in "
-        f"40 steps: " + ("most of the damage heals." if healed else "the damage does not heal in this run."),
+        f"40 steps: {healed}.",
         f"- **Attractors:** for the non-doubling VNCA, {results['attractors']}.",
     ])
 
@@ -2674,9 +2680,7 @@ def plot_recovery(recovery_p: np.ndarray, config: Config) -> Path:
 recovery_p = sigmoid_np(recovery[..., 0])  # (11, 42, 32, 32)
 plot_recovery(recovery_p, config)
 show_markdown(f"Pixel error against the undamaged digits: {recovery_error['after_damage']:.3f} just after the damage, "
-              f"{recovery_error['after_recovery']:.3f} after 40 steps: "
-              + ("most of the damage heals in this run." if recovery_error["after_recovery"] < 0.5 * recovery_error["after_damage"]
-                 else "the damage does not heal in this run."))
+              f"{recovery_error['after_recovery']:.3f} after 40 steps: {healing(recovery_error)}.")
 
 # %% [markdown]
 # ### Linear probe on single cells (replication Fig. 6)
@@ -2802,7 +2806,7 @@ animations = {save_gif(side_by_side(frames), name, config): frames
 print("animations: " + ", ".join(str(path) for path in animations))
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_figures(animations: dict, growth: np.ndarray, config: Config) -> str:
     assert growth.shape[1] == 1 + (config.n_doublings + 1) * config.nca_steps_per_stage + config.n_doublings
     for gif, frames in animations.items():
@@ -3040,7 +3044,7 @@ show_markdown(markdown_table(["model", "forward GMAC/image", "s/step (batch)", "
                 f"per device ({jax.devices()[0].device_kind}).")
 
 
-# %% tags=["check"] jupyter={"source_hidden": true, "outputs_hidden": true}
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_macs() -> str:
     full = PRESETS["full"]
     assert abs(forward_macs("doubling", 256, full) / 12.9e9 - 1) < 0.01, "about 12.9 GMAC per image"
@@ -3110,13 +3114,9 @@ show_markdown(markdown_table(["model", "lever", "kept", "s/step", "alternative",
 # | convolutions as one im2col matrix product instead of `lax.conv_general_dilated` | yes | NCA steps inside `lax.scan` 24x faster on CPU (doubling, batch 8: 4.9 s vs 118.8 s) |
 # | transposed convolutions by their four output parities (one 3x3 product) | yes | no multiplications by inserted zeros; the baseline's step several times faster |
 # | weights stored (out, in), layers computing $x W^\top$ | yes | weight gradients at 88-95 % of the matmul rate instead of 58-74 %; doubling step about 6 % faster |
-# | `jax.checkpoint` per NCA step keeping the 3x3 perception's output | yes | doubling step about 10 % faster than recomputing the whole step, with the memory of a checkpoint |
-# | the doubling model's stages up to 16x16 on 16 images, its 32x32 stage on 2 (CPU) | yes | 4-11 % faster than 2 images throughout on the Xeon; the whole batch was as fast or faster in other runs: within the noise |
-# | the encoder outside the micro-batch loop, its windows by one gather (`neighbourhoods`) | yes | doubling step compiled 15-20 % faster, steps as fast |
-# | the optimiser on one flat vector (`optax.flatten`) | yes | 1-2 s less compile time per step program, steps as fast |
-# | the NCA on whole batches (`rows_product`) instead of per image under `jax.vmap` | yes | doubling step's program 616 XLA kernels instead of 734; step times within the noise |
-# | `dots_saveable` checkpoint policy; oneDNN; channels-first state; a gather for every layer | no | no gain beyond the noise, slower compile, or $T = 32$ costing as much as $T = 64$ |
-# | glibc allocator settings (no trimming, no `mmap`) | no | fewer page faults, but process-wide, set before start, and slower compiles |
+# | the encoder's windows by one gather; the optimiser on one flat vector (`optax.flatten`) | yes | the doubling step's program compiled 15-20 % and 1-2 s faster; steps as fast |
+# | the NCA on whole batches (`rows_product`) instead of per image under `jax.vmap` | yes | 616 XLA kernels instead of 734 in the doubling step; step times within the noise |
+# | `dots_saveable` checkpoint policy; oneDNN; channels-first state; a gather for every layer; glibc allocator settings | no | no gain beyond the noise, slower compiles, or $T = 32$ costing as much as $T = 64$ |
 
 # %% [markdown]
 # **A `full` run.** `VNCA_MODE=estimate` runs the pre-flight for the `full` preset and saves it in
