@@ -40,8 +40,8 @@
 # 2-core machine: minutes of training per model, enough to show every part working and learning,
 # far too little to test the paper's numbers (section 7 says what this run shows, from its
 # numbers). The `full` preset, the paper's settings, **has not been run**: we had no TPU or GPU.
-# CI runs the `smoke` preset on CPU with 1 and 8 simulated devices and with the oldest supported
-# JAX (0.4.30; the newest tested is 0.10.2).
+# CI runs the `smoke` preset on CPU with 1 and 8 simulated devices, with JAX 0.6.2 (the range
+# Kaggle's TPU image ships) and with the oldest supported JAX (0.4.30; the newest tested is 0.10.2).
 #
 # **Running it on Kaggle.** Import the notebook (File > Import Notebook), choose a TPU (8 devices;
 # a GPU works too) and *Run All*. The first cell installs only what the image lacks and never
