@@ -38,67 +38,149 @@
 #
 # **Status.** The notebook has run on CPU only. The committed outputs are the `cpu` preset on a
 # 2-core machine: minutes of training per model, enough to show every part working and learning,
-# far too little to test the paper's numbers (section 7 says what this run shows, from its
-# numbers). The `full` preset, the paper's settings, **has not been run**: we had no TPU or GPU.
-# CI runs the `smoke` preset on CPU with 1 and 8 simulated devices, with JAX 0.6.2 (the range
-# Kaggle's TPU image ships) and with the oldest supported JAX (0.4.30; the newest tested is 0.10.2).
+# far too little to test the paper's numbers (section 7 says what this run shows). The `full`
+# preset, the paper's settings, **has not been run**: we had no TPU or GPU. Its programs were
+# compiled, and XLA's memory plan fits each on a TPU core or a 16 GB GPU (section 6). CI runs the
+# `smoke` preset on CPU with the newest JAX (0.10.2) and with JAX 0.6.2 (Kaggle's TPU range), both
+# on 8 simulated devices taking the accelerators' code paths, and with the oldest, 0.4.30, on 2.
 #
 # **Running it on Kaggle.** Import the notebook (File > Import Notebook), choose a TPU (8 devices;
 # a GPU works too) and *Run All*. The first cell installs only what the image lacks and never
-# touches its JAX. On an accelerator the `full` preset is the default; the replication trained the
-# same settings on a TPU v3-8 in about 10 min (baseline), 40 min (doubling) and 2.5 h
-# (non-doubling). Before training, a pre-flight prints what the run will cost (section 6).
-# Checkpoints under `data/checkpoints/` let a re-run continue where an interrupted one stopped
-# (on Kaggle, within the same session: a new session does not yet look for them).
-# Without internet, attach a dataset holding the binarized MNIST files (section 3).
+# touches its JAX. On an accelerator the `full` preset is the default; the replication trained it
+# on a TPU v3-8 in about 10 min (baseline), 40 min (doubling) and 2.5 h (non-doubling). A
+# pre-flight projects the run; one that would outlast the session stops before training with
+# settings for sessions that fit, and a later session continues from the checkpoints of an
+# earlier version attached as input (section 6, README). Offline, attach the data (section 3).
 
 # %% [markdown]
 # ## 1. Setup
 #
-# On Kaggle or Colab, the first cell installs what the image lacks (Equinox, Optax, ...), with
-# `jax` and `jaxlib` pinned to the versions already there: upgrading JAX on a Kaggle TPU kernel
-# breaks its TPU runtime. Anywhere else it does nothing. The check after it fakes a Kaggle
-# kernel's environment marker and inspects the command it would run, installing nothing.
-# Then the imports, and the versions and devices this run sees. On a Kaggle TPU kernel JAX finds eight
-# TPU cores; on a CPU one device (CI fakes eight with
-# `XLA_FLAGS=--xla_force_host_platform_device_count=8` to exercise the multi-device code).
+# On Kaggle or Colab, the first cell installs what the image lacks (Equinox, Optax, ...), pinning
+# `jax` and `jaxlib` to the versions there: upgrading JAX on a Kaggle TPU kernel breaks its TPU
+# runtime. Equinox follows the installed JAX (`equinox_requirement`): JAX 0.7.0/0.7.1 crash with
+# Equinox and are refused with what to do; JAX 0.9.2 on needs Equinox 0.13.7 on. Offline, it
+# installs wheels attached under `/kaggle/input` or stops with one message naming what to attach.
+# Elsewhere it does nothing. Then the imports, and the versions and devices this run sees (CI
+# fakes eight CPU devices with `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 
 # %%
-import importlib.util
+import importlib.metadata
 import os
+import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Callable
 
+process_state = sys.modules.setdefault("vnca_process_state", type(sys)("vnca_process_state"))
+process_state.__dict__.setdefault("started", time.time())  # the kernel's first run of this cell: its session began
 
-def setup_commands(environ: dict[str, str], installed: Callable[[str], bool]) -> list[list[str]]:
-    """pip commands for what is missing on Kaggle or Colab; none elsewhere. JAX is pinned to the
-    version already there, so pip picks compatible versions and never touches jax/jaxlib/libtpu."""
+
+class SetupError(RuntimeError):
+    """This environment cannot run the notebook as it is; the message says what to do."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython shows the message instead of a traceback
+        return [f"SetupError: {self}"]
+
+
+def installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+def equinox_requirement(jax_version: str) -> str:
+    """The rule. JAX 0.7.0 and 0.7.1 crash with Equinox (equinox issue #1084): refused. JAX >= 0.9.2
+    needs equinox >= 0.13.7. Any other JAX takes the newest Equinox pip resolves against it (from
+    0.13.1 Equinox's own requirements exclude JAX 0.7.0/0.7.1, which is why pip alone would fall
+    back to the broken 0.13.0 there)."""
+    v = version_tuple(jax_version)
+    if (0, 7, 0) <= v < (0, 7, 2):
+        raise SetupError(
+            f"JAX {jax_version} crashes with Equinox (equinox issue #1084), and no Equinox release works with it. "
+            "Run the notebook in an environment with another JAX: on Kaggle, pick another environment image "
+            "(Settings > Environment); elsewhere, install JAX 0.7.2 or later (or 0.6.x) with its matching jaxlib.")
+    return "equinox>=0.13.7" if v >= (0, 9, 2) else "equinox"
+
+
+def setup_commands(environ: dict[str, str], version: Callable[[str], str | None],
+                   wheel_dirs: list[Path]) -> list[list[str]]:
+    """pip commands for what is missing on Kaggle or Colab; none elsewhere. JAX is pinned to the version
+    already there, so pip never touches jax, jaxlib or libtpu. With wheels attached (wheel_dirs), pip
+    installs from them alone."""
+    equinox = equinox_requirement(version("jax")) if version("jax") else "equinox"
+    needed = {"equinox": equinox, "optax": "optax", "scikit-learn": "scikit-learn", "pillow": "pillow"}
+    lowest = lambda requirement: version_tuple(requirement.split(">=")[1]) if ">=" in requirement else ()
+    missing = [requirement for distribution, requirement in needed.items()
+               if version(distribution) is None or version_tuple(version(distribution)) < lowest(requirement)]
     hosted = "KAGGLE_KERNEL_RUN_TYPE" in environ or "COLAB_RELEASE_TAG" in environ
-    needed = {"equinox": "equinox", "optax": "optax", "sklearn": "scikit-learn", "PIL": "pillow"}
-    missing = [package for module, package in needed.items() if not installed(module)]
     if not hosted or not missing:
         return []
-    from importlib.metadata import version
-    pins = [f"{name}=={version(name)}" for name in ("jax", "jaxlib") if installed(name)]
-    return [[sys.executable, "-m", "pip", "install", "-q", *missing, *pins]]
+    pins = [f"{name}=={version(name)}" for name in ("jax", "jaxlib") if version(name)]
+    index = ["--no-index", *(arg for d in wheel_dirs for arg in ("--find-links", str(d)))] if wheel_dirs else []
+    return [[sys.executable, "-m", "pip", "install", "-q", *index, *missing, *pins]]
 
 
-for command in setup_commands(dict(os.environ), lambda m: importlib.util.find_spec(m) is not None):
-    print("installing:", " ".join(command[4:]), flush=True)
-    subprocess.run(command, check=True)
+def run_setup(commands: list[list[str]], run: Callable = subprocess.run, log: Callable = print) -> None:
+    for command in commands:
+        wanted = [arg for arg in command[4:] if not arg.startswith("-") and "/" not in arg and "==" not in arg]
+        log(f"installing: {' '.join(wanted)}")
+        try:
+            run(command, check=True)
+        except subprocess.CalledProcessError:
+            raise SetupError(
+                f"pip could not install {', '.join(wanted)}. If this kernel is offline, either switch its internet "
+                "on (Kaggle: Settings > Internet) or attach a dataset holding the wheels of "
+                f"{', '.join(wanted)} and their dependencies (Equinox needs jaxtyping and wadler-lindig; Optax needs "
+                "chex), made on a machine with internet by `pip download <those names> -d wheels` for this "
+                "kernel's Python; this cell installs every .whl it finds under /kaggle/input, without an index.") from None
+
+
+def files_under(root: Path, pattern: str, depth: int = 6) -> list[Path]:
+    """Files matching `pattern` in `root` and up to `depth` folders below it (e.g. a Kaggle input)."""
+    return sorted(p for level in range(depth + 1) for p in root.glob("*/" * level + pattern)) if root.is_dir() else []
+
+
+wheel_dirs = sorted({path.parent for path in files_under(Path("/kaggle/input"), "*.whl")})
+run_setup(setup_commands(dict(os.environ), installed_version, wheel_dirs))
 
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_setup() -> str:
-    """On Kaggle the cell installs what is missing, pinning the JAX that is there; elsewhere nothing."""
-    commands = setup_commands({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"},
-                              lambda m: m in ("jax", "jaxlib", "optax", "sklearn", "PIL"))
-    assert len(commands) == 1 and "equinox" in commands[0] and any(a.startswith("jax==") for a in commands[0])
-    assert not any(a.startswith(("libtpu", "jax[")) or a in ("jax", "-U", "--upgrade") for a in commands[0])
-    assert setup_commands({"COLAB_RELEASE_TAG": "x"}, lambda m: True) == [], "nothing missing: nothing to do"
-    assert setup_commands({}, lambda m: False) == [], "outside Kaggle/Colab the cell installs nothing"
-    return "setup: on Kaggle only what is missing, with jax pinned; nothing elsewhere"
+    """On Kaggle the cell installs what is missing, with JAX pinned and the Equinox rule applied;
+    offline, from attached wheels or with one message; elsewhere nothing."""
+    kaggle, there = {"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, {"jax": "0.6.2", "jaxlib": "0.6.2", "optax": "0.2.5",
+                                                                   "scikit-learn": "1.5.2", "pillow": "10.4.0"}
+    [command] = setup_commands(kaggle, there.get, [])
+    assert "equinox" in command and "jax==0.6.2" in command and "jaxlib==0.6.2" in command
+    assert not any(a.startswith(("libtpu", "jax[")) or a in ("jax", "-U", "--upgrade") for a in command)
+    [command] = setup_commands(kaggle, {**there, "jax": "0.10.2", "jaxlib": "0.10.2", "equinox": "0.13.0"}.get, [])
+    assert "equinox>=0.13.7" in command, "JAX >= 0.9.2 with an older Equinox: upgrade Equinox"
+    for broken in ("0.7.0", "0.7.1"):
+        try:
+            setup_commands(kaggle, {**there, "jax": broken}.get, [])
+            raise AssertionError(f"JAX {broken} with Equinox must be refused")
+        except SetupError as error:
+            assert "another JAX" in str(error)
+    [command] = setup_commands(kaggle, there.get, [Path("/kaggle/input/wheels")])
+    assert command[5:8] == ["--no-index", "--find-links", "/kaggle/input/wheels"]
+
+    def offline(command, check):
+        raise subprocess.CalledProcessError(1, command)
+    try:
+        run_setup([command], offline, log=lambda line: None)
+        raise AssertionError("a failed install must stop the notebook")
+    except SetupError as error:
+        assert "Internet" in str(error) and "jaxtyping" in str(error) and "equinox" in str(error)
+    assert setup_commands({"COLAB_RELEASE_TAG": "x"}, {**there, "equinox": "0.13.8"}.get, []) == []
+    assert setup_commands({}, lambda name: None, []) == [], "outside Kaggle/Colab the cell installs nothing"
+    return "setup: Equinox chosen by the installed JAX, JAX pinned; offline, attached wheels or one message"
 
 
 print(check_setup())
@@ -112,11 +194,9 @@ import json
 import math
 import shutil
 import tempfile
-import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import equinox as eqx
@@ -137,6 +217,9 @@ from sklearn.metrics import silhouette_score
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
+if "jax_pmap_no_rank_reduction" in jax.config.values:  # JAX 0.4.30-0.4.33: placed arrays reach pmap without a host trip
+    jax.config.update("jax_pmap_no_rank_reduction", True)  # (the default from 0.4.34; the option is gone in 0.10)
+
 print(f"python {sys.version.split()[0]} | jax {jax.__version__} | equinox {eqx.__version__} "
       f"| optax {optax.__version__} | numpy {np.__version__}")
 print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
@@ -145,8 +228,8 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # %% [markdown]
 # ## 2. Configuration
 #
-# Every setting of the run lives in one frozen `Config`, built once from the preset named by
-# `VNCA_MODE` and the backend, and passed to every function that needs it.
+# Every setting lives in one frozen `Config`, built once from the preset named by `VNCA_MODE` and
+# the backend, and passed to every function that needs it.
 #
 # | preset | for | differs from the paper by |
 # |---|---|---|
@@ -155,12 +238,18 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | `smoke` | CI: every cell in minutes | tiny everything; its numbers mean nothing |
 # | `estimate` | the pre-flight of a `full` run on these devices, then stop | trains nothing |
 #
-# The reduced presets keep the architecture and shrink widths, training length and evaluation
-# size. Environment variables override single settings: `VNCA_STEPS` (every model),
-# `VNCA_N_TEST`, `VNCA_IW_SAMPLES`, `VNCA_SEED`, `VNCA_INNER_STEPS`, and `VNCA_ESTIMATE=0` (skip
-# the pre-flight).
+# Environment variables override single settings: `VNCA_STEPS` (every model), `VNCA_N_TEST`,
+# `VNCA_IW_SAMPLES`, `VNCA_SEED`, `VNCA_INNER_STEPS`, `VNCA_ESTIMATE=0` (no pre-flight, no
+# session check), `VNCA_MEMORY_PLAN=0/1`; for sessions (section 6) `VNCA_MODELS` (e.g.
+# `baseline,doubling`), `VNCA_UNTIL_STEP`, `VNCA_SESSION_HOURS`. `VNCA_BACKEND=tpu` (or `gpu`)
+# makes a CPU take the accelerators' code paths (whole-batch decoding), so that CI tests them.
 
 # %%
+MODEL_NAMES = ("baseline", "doubling", "nondoubling")
+BACKENDS = ("cpu", "gpu", "tpu")
+KAGGLE_SESSION_HOURS = {"tpu": 9.0, "gpu": 12.0, "cpu": 12.0}  # a Kaggle kernel's longest session
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     latent: int  # |Z|: latent size, and the number of channels of each NCA cell
@@ -200,6 +289,12 @@ class Config:
     run_preflight: bool = True  # time the first steps before training (section 6); VNCA_ESTIMATE=0 skips it
     estimate_target: str = "full"  # the preset whose cost is projected
     stop_after_estimate: bool = False
+    backend: str = "cpu"  # whose code paths the run takes: the detected backend, or VNCA_BACKEND
+    selected: tuple[str, ...] = MODEL_NAMES  # the models this session trains (VNCA_MODELS); the rest only load
+    until_step: int = 0  # end this session's training at this step (VNCA_UNTIL_STEP); 0: at the preset's steps
+    session_hours: float = 0.0  # the platform's session limit (Kaggle: 9 h TPU, 12 h GPU/CPU); 0: none known
+    memory_plan: bool = False  # compile the `full` programs and report their memory (section 6); VNCA_MEMORY_PLAN=1
+    resume_dirs: tuple[str, ...] = ()  # where earlier sessions' checkpoints may be attached (Kaggle: /kaggle/input)
 
     @property
     def figures_dir(self) -> Path:
@@ -239,6 +334,7 @@ PRESETS = {
         tsne_points=2_000,
         checkpoint_every_s=300.0,
         out_dir=".",
+        memory_plan=True,
     ),
     "smoke": Config(
         preset="smoke",
@@ -252,7 +348,7 @@ PRESETS = {
         t_test=6,
         nca_steps_per_stage=2,
         pool_size=32,
-        inner_steps=1,
+        inner_steps=3,  # 4 steps: one call of 3, then a shorter last call of 1
         iw_samples=8,
         iw_chunk=4,
         eval_batch=4,
@@ -271,22 +367,39 @@ ENV_OVERRIDES = {  # environment variable -> Config field
     "VNCA_SEED": "seed",
     "VNCA_INNER_STEPS": "inner_steps",
     "VNCA_ESTIMATE": "run_preflight",
+    "VNCA_MEMORY_PLAN": "memory_plan",
+    "VNCA_SESSION_HOURS": "session_hours",
+    "VNCA_UNTIL_STEP": "until_step",
 }
 
 
 def make_config(environ: dict[str, str], backend: str) -> Config:
-    """The preset named by VNCA_MODE (default: `full` on TPU/GPU, `cpu` on CPU) plus overrides."""
+    """The preset named by VNCA_MODE (default: `full` on TPU/GPU, `cpu` on CPU) plus overrides.
+    `backend` is the detected one; VNCA_BACKEND=tpu or gpu makes a CPU take the accelerators' paths."""
+    detected, backend = backend, environ.get("VNCA_BACKEND", backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"VNCA_BACKEND={backend!r} is not a backend; choose one of {list(BACKENDS)}.")
     default = "cpu" if backend == "cpu" else "full"
     mode = environ.get("VNCA_MODE", default)
     if mode not in PRESETS:
         raise ValueError(f"VNCA_MODE={mode!r} is not a preset; choose one of {sorted(PRESETS)}.")
-    config = PRESETS[mode]
+    config = dataclasses.replace(PRESETS[mode], backend=backend)
     if backend == "cpu":  # small slices keep a 32x32 grid of cells in the CPU's cache (section 6)
         config = dataclasses.replace(config, micro_batch=(16, 2))
+    if "KAGGLE_KERNEL_RUN_TYPE" in environ:  # a Kaggle kernel: its session limit, and earlier versions' outputs
+        config = dataclasses.replace(config, session_hours=KAGGLE_SESSION_HOURS[detected], resume_dirs=("/kaggle/input",))
     for variable, name in ENV_OVERRIDES.items():
         if variable in environ:
-            value = int(environ[variable])
-            config = dataclasses.replace(config, **{name: bool(value) if name == "run_preflight" else value})
+            kind = type(getattr(config, name))
+            value = float(environ[variable]) if kind is float else int(environ[variable])
+            config = dataclasses.replace(config, **{name: bool(value) if kind is bool else value})
+    if "VNCA_MODELS" in environ:
+        selected = tuple(name.strip() for name in environ["VNCA_MODELS"].split(",") if name.strip())
+        unknown = set(selected) - set(MODEL_NAMES)
+        if unknown or not selected:
+            raise ValueError(f"VNCA_MODELS={environ['VNCA_MODELS']!r}: name one or more of {', '.join(MODEL_NAMES)}, "
+                             "separated by commas.")
+        config = dataclasses.replace(config, selected=tuple(n for n in MODEL_NAMES if n in selected))
     if config.iw_samples % min(config.iw_chunk, config.iw_samples):
         raise ValueError(f"VNCA_IW_SAMPLES={config.iw_samples} must be a multiple of {config.iw_chunk}, "
                          "the importance samples decoded at once.")
@@ -312,11 +425,16 @@ def check_config(config: Config, n_devices: int) -> str:
     assert make_config({}, "cpu").micro_batch == (16, 2) and make_config({}, "gpu").micro_batch == (0, 0)
     assert make_config({"VNCA_MODE": "smoke", "VNCA_STEPS": "7"}, "cpu").doubling.steps == 7
     assert make_config({"VNCA_MODE": "estimate"}, "cpu").stop_after_estimate
-    try:
-        make_config({"VNCA_MODE": "fast"}, "cpu")
-        raise AssertionError("an unknown preset must be refused")
-    except ValueError as error:
-        assert "smoke" in str(error)
+    forced = make_config({"VNCA_BACKEND": "tpu", "VNCA_MODE": "smoke"}, "cpu")
+    assert forced.backend == "tpu" and forced.micro_batch == (0, 0), "VNCA_BACKEND makes a CPU take the TPU's paths"
+    assert make_config({"VNCA_MODELS": "nondoubling, baseline"}, "cpu").selected == ("baseline", "nondoubling")
+    assert make_config({"VNCA_SESSION_HOURS": "2.5", "VNCA_ESTIMATE": "0"}, "gpu").session_hours == 2.5
+    for bad in ({"VNCA_MODE": "fast"}, {"VNCA_BACKEND": "cuda"}, {"VNCA_MODELS": "vae"}):
+        try:
+            make_config(bad, "cpu")
+            raise AssertionError(f"{bad} must be refused")
+        except ValueError as error:
+            assert "choose" in str(error) or "name one" in str(error)
     for settings in config.model_settings().values():
         assert settings.batch % n_devices == 0, (
             f"global batch {settings.batch} does not split over {n_devices} devices: choose a multiple")
@@ -333,17 +451,11 @@ print(check_config(config, n_devices))
 # three text files (`.amat`, one image per line, 784 space-separated digits). We train on
 # train + valid (60,000 images) and evaluate on the 10,000 test images.
 #
-# `load_binarized_mnist` looks for the data in this order, and caches it as one compressed
-# `data/binarized_mnist.npz`:
-# 1. the cache itself (checked: a truncated or corrupt file is named, set aside and rebuilt);
-# 2. a ready `.npz` with the same keys: `../shared/data/` (our CI's offline copy) or a Kaggle
-#    dataset attached under `/kaggle/input`;
-# 3. the three `.amat` files in `data/` or under `/kaggle/input`;
-# 4. a download of the `.amat` files (written under a temporary name and renamed only once
-#    complete, so an interrupted download never looks like data).
-#
-# Every split is checked for its shape, its size and values in {0, 1}; a failure says which file
-# and what was found.
+# `load_binarized_mnist` takes the first of: the cache `data/binarized_mnist.npz` (a corrupt one
+# is set aside and rebuilt); a ready `.npz` in `../shared/data/` (CI's offline copy) or under
+# `/kaggle/input`; the three `.amat` files in `data/` or under `/kaggle/input`; a download (to a
+# temporary name, renamed once complete). Every split is checked for shape and values in {0, 1};
+# a failure names the file and what was found.
 
 # %%
 AMAT_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_{split}.amat"
@@ -425,7 +537,7 @@ def load_binarized_mnist(data_dir: Path, search_dirs: list[Path], url: str = AMA
             cache.replace(cache.with_name(cache.name + ".corrupt"))
             print(f"Cache rejected and set aside as {cache.name}.corrupt: {error}\nRebuilding it.")
     for directory in search_dirs:
-        for path in sorted(directory.glob(f"**/binarized_mnist*.npz")) if directory.exists() else []:
+        for path in files_under(directory, "binarized_mnist*.npz"):
             try:
                 splits = read_npz(path)
             except DataError as error:
@@ -437,7 +549,7 @@ def load_binarized_mnist(data_dir: Path, search_dirs: list[Path], url: str = AMA
     splits = {}
     for split in SPLIT_SIZES:
         name = f"binarized_mnist_{split}.amat"
-        found = [p for d in [data_dir, *search_dirs] if d.exists() for p in sorted(d.glob(f"**/{name}"))]
+        found = [p for d in [data_dir, *search_dirs] for p in files_under(d, name)]
         path = found[0] if found else data_dir / name
         if not found:
             print(f"Downloading {url.format(split=split)} ...", flush=True)
@@ -610,14 +722,13 @@ show_markdown(markdown_table(
 # %% [markdown]
 # ### Placing the data on the devices
 #
-# The replication put the training set on every TPU core once (`jax.device_put_replicated`) and
-# split the test set across the cores (`jax.device_put_sharded`), so that the training step only
-# receives index arrays. Both functions were removed in JAX 0.10. Their replacement is
-# `jax.device_put` with a `NamedSharding` over a one-axis `Mesh`: an array whose leading axis has
-# one entry per device is split along it, exactly the layout `jax.pmap` expects for `in_axes=0`,
-# so no copy happens at the call; a replicated array is the same with identical copies
-# (`np.broadcast_to`, no host memory). A reduced preset evaluates a seeded random subset of the
-# test set (which is sorted by digit).
+# The replication put the training set on every TPU core (`jax.device_put_replicated`) and split
+# the test set (`jax.device_put_sharded`), so that the step receives only indices. Both were
+# removed in JAX 0.10; `jax.device_put` with a `NamedSharding` over a one-axis `Mesh` replaces
+# them. An array with one leading entry per device is split along it, the layout `jax.pmap`
+# expects, so a call copies nothing (on JAX 0.4.30-0.4.33 only with `jax_pmap_no_rank_reduction`,
+# set in section 1; the check asserts a donated array is consumed in place). A reduced preset
+# evaluates a seeded random subset of the test set, which is sorted by digit.
 
 # %%
 def device_mesh() -> Mesh:
@@ -671,7 +782,11 @@ def check_placement(train_on_devices: jax.Array, test_on_devices: jax.Array, tes
         assert (np.asarray(s.data[0]) == test_images[i * per_device:(i + 1) * per_device]).all()
     assert all((np.asarray(s.data[0, :4]) == train_images[:4]).all() for s in train_on_devices.addressable_shards)
     assert len(np.unique(test_labels)) == 10 or len(test_labels) < 100, "the test images must cover every digit"
-    return f"placement: one shard per device on {n_devices} device(s), each holding its slice"
+    placed = put_on_devices(np.ones((n_devices, 3), np.float32), device_mesh())
+    doubled = jax.pmap(lambda a: 2 * a, donate_argnums=0)(placed)
+    assert placed.is_deleted() and (np.asarray(doubled) == 2).all(), (
+        "a donated, placed array must reach pmap in place (JAX 0.4.30-0.4.33: jax_pmap_no_rank_reduction)")
+    return f"placement: one shard per device on {n_devices} device(s), each holding its slice; donation in place"
 
 
 print(check_placement(train_on_devices, test_on_devices, test_images, test_labels, train_images))
@@ -730,15 +845,12 @@ print(check_batch_indices())
 # One NCA step is $z_{t+1} = z_t + u_\theta(z_t)$ for every cell at once; channel 0 of the
 # final grid is each pixel's Bernoulli logit.
 #
-# **Layers, written for speed.** `Dense` is $x W^\top + b$ over the last axis: a linear layer,
-# or a 1x1 convolution on a grid. `Conv` computes a $k \times k$ convolution as one matrix
-# product over the stacked $k^2$ shifted copies of its input ("im2col"), since XLA:CPU's own
-# convolution is slow at these shapes and inside `lax.scan`; a product is also what TPU and GPU
-# matrix units run. `UpConv`, the stride-2 transposed convolution, computes its four output
-# parities with one 3x3 product, with no multiplications by inserted zeros. The encoder builds
-# its windows with one gather (`neighbourhoods`, its gradient written by hand), which compiles
-# faster than 25 slices. Appendix A lists what these choices gave; the hidden checks compare every
-# layer with `lax.conv_general_dilated`.
+# **Layers, written for speed.** `Dense` is $x W^\top + b$ over the last axis (a linear layer, or
+# a 1x1 convolution). `Conv` computes a $k \times k$ convolution as one matrix product over the
+# $k^2$ shifted copies of its input ("im2col"): XLA:CPU's own convolution is slow at these shapes,
+# and matrix units run products. `UpConv` computes a stride-2 transposed convolution's four output
+# parities with one 3x3 product. The encoder's windows come from one gather (`neighbourhoods`).
+# Appendix A lists the gains; hidden checks compare every layer with `lax.conv_general_dilated`.
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -1052,14 +1164,13 @@ print(check_nca_step())
 # \text{ of } T - T_{min}]$: one scan of $T_{min}$ steps, then one scan of $2^b$ steps per bit
 # under `lax.cond`. The cost follows $T$ and gradients flow through the branches.
 #
-# **Memory.** With `remat` (the `full` preset), each NCA step is wrapped in `jax.checkpoint`,
-# keeping only the state entering it and its 3x3 perception's output for the backward pass.
+# **Memory.** With `remat` (the `full` preset), each NCA step is a `jax.checkpoint` keeping only
+# its input state and its 3x3 perception for the backward pass, and each `grow_for` branch is one
+# too, since a cond keeps every branch's saved values, taken or not (appendix A).
 #
-# All three decoders share one interface, `seed` (latent -> first state), `grow(state,
-# n_steps=None, keep_states=False, damage=None)` and `logits`, so that pool training and the
-# figures reuse the models' own code. The NCA decoders take one state $(H, W, Z)$ or a batch
-# $(B, H, W, Z)$; training grows whole batches, so that each per-cell layer is one product over
-# all the batch's cells.
+# All three decoders share one interface, `seed`, `grow(state, n_steps=None, keep_states=False,
+# damage=None)` and `logits`, which pool training and the figures reuse. The NCA decoders take one
+# state $(H, W, Z)$ or a batch $(B, H, W, Z)$; training grows whole batches.
 
 # %%
 class NCADecoder(eqx.Module):
@@ -1136,7 +1247,10 @@ class NonDoublingDecoder(NCADecoder):
         state, _ = self.grow(state, t_min)
         extra = n_steps - t_min
         for bit in reversed(range(max(t_max - t_min, 0).bit_length())):
-            state = lax.cond((extra >> bit) & 1 == 1, lambda s, b=bit: self.grow(s, 2 ** b)[0], lambda s: s, state)
+            steps = lambda s, b=bit: self.grow(s, 2 ** b)[0]
+            if self.remat:  # a cond keeps the saved values of every branch, taken or not: keep only its input
+                steps = jax.checkpoint(steps)
+            state = lax.cond((extra >> bit) & 1 == 1, steps, lambda s: s, state)
         return state
 
 
@@ -1310,13 +1424,10 @@ print(check_objective(test_images))
 # %% [markdown]
 # ## 6. Training
 #
-# **Data flow.** Before training, every device receives a copy of the 60,000 training images and
-# its slice of the test images (section 3), and a copy of the model and optimiser state. Each
-# call of the training step then sends only batch indices (devices x inner steps x per-device
-# batch) and a key; each device gathers its batches, runs the inner steps in a `lax.scan`, and
-# the devices exchange one thing per step, the mean gradient (`lax.pmean`), so the copies never
-# diverge. The host reads back a few numbers per step and, every few minutes, the parameters
-# for the checkpoint.
+# **Data flow.** Every device holds the training images, its slice of the test images (section 3)
+# and a copy of the model and optimiser state. A training call sends only batch indices and a key;
+# the devices exchange one thing per step, the mean gradient, and the host reads back a few numbers
+# per step and, every few minutes, the parameters for the checkpoint.
 #
 # **Pool training (non-doubling VNCA).** A pool of $P$ pairs $(x, z_T)$ lives on the devices
 # ($P/n$ each). In every batch half the images start from a fresh encoder sample, the other half
@@ -1537,17 +1648,15 @@ print(check_pool())
 # ### The pmap'd training step
 #
 # `make_train_step` returns one `jax.pmap`'d function that runs `inner_steps` optimiser steps per
-# call inside a `lax.scan`, so the host is visited once per call rather than once per step. Each
-# device gathers its batches from its own copy of the training set with the index array, computes
-# the gradient of its share of the batch, and `lax.pmean` averages gradients (and metrics) over
-# the devices, so every device applies the same update and the replicas stay identical.
+# call inside a `lax.scan` (one host visit per call). Each device gathers its batches from its
+# copy of the training set by index, computes the gradient of its share, and `lax.pmean` averages
+# gradients and metrics over the devices, so the replicas stay identical.
 #
-# **Randomness.** The run's key is split once into an initialisation key and a training key.
-# Optimiser step $s$ folds $s$ into the training key and splits the result into a *shared* key,
-# the same on all devices (the non-doubling $T$ and the pool shuffle must agree), and a
-# *per-device* root, into which each device folds its index (posterior samples, damage). Every
-# key depends only on the step and the device, so a resumed run, or one with another number of
-# steps per call, draws exactly the same numbers.
+# **Randomness.** The run's key splits into an initialisation key and a training key. Step $s$
+# folds $s$ into the training key and splits the result into a *shared* key, the same on all
+# devices (the non-doubling $T$, the pool shuffle), and a *per-device* root into which each device
+# folds its index (posterior samples, damage). Keys depend only on step and device, so a resumed
+# run, or one with another number of steps per call, draws the same numbers.
 #
 # **Optimiser.** `optax.chain(optax.clip_by_global_norm(10), optax.adam(1e-4))`: clip the
 # *gradient*, then Adam, as the paper describes (the replication's code chained them the other
@@ -1565,7 +1674,8 @@ def step_keys(train_key: jax.Array, step: jax.Array, device: jax.Array) -> tuple
     return jax.random.fold_in(per_device, device), shared
 
 
-def make_train_step(settings: StepSettings, axis_name: str = "devices"):
+def make_train_call(settings: StepSettings, axis_name: str = "devices") -> Callable:
+    """One device's part of a training call: len(indices) optimiser steps under a lax.scan."""
     batch_loss, optimizer = make_batch_loss(settings), make_optimizer(settings)
 
     def train_call(model, opt_state, pool, train_images, indices, train_key, first_step):
@@ -1585,9 +1695,16 @@ def make_train_step(settings: StepSettings, axis_name: str = "devices"):
         (model, opt_state, pool), metrics = lax.scan(
             step, (model, opt_state, pool), (indices, jnp.arange(indices.shape[0])))
         return model, opt_state, pool, metrics
+    return train_call
 
-    # donated: the step updates the model, optimiser state and pool in place instead of copying them
-    return jax.pmap(train_call, axis_name=axis_name, in_axes=(0, 0, 0, 0, 0, None, None), donate_argnums=(0, 1, 2))
+
+TRAIN_IN_AXES = (0, 0, 0, 0, 0, None, None)  # model, opt_state, pool, images, indices per device; key, step shared
+TRAIN_DONATED = (0, 1, 2)  # the call updates the model, optimiser state and pool in place instead of copying them
+
+
+def make_train_step(settings: StepSettings, axis_name: str = "devices"):
+    return jax.pmap(make_train_call(settings, axis_name), axis_name=axis_name, in_axes=TRAIN_IN_AXES,
+                    donate_argnums=TRAIN_DONATED)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1623,29 +1740,37 @@ print(check_step_keys())
 # shard of the test set from position `start` and returns their IWELBO and ELBO (section 7).
 
 # %%
-@functools.lru_cache(maxsize=None)  # built once per shape
-def make_evaluator(n_samples: int, chunk: int, batch: int, axis_name: str = "devices"):
+def make_evaluate_call(n_samples: int, chunk: int, batch: int, axis_name: str = "devices") -> Callable:
+    """One device's part of an evaluation call."""
     def evaluate(model: VAE, images: jax.Array, start: jax.Array, key: jax.Array):
         x = lax.dynamic_slice_in_dim(images, start, batch)
         keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, lax.axis_index(axis_name)), start), batch)
         bounds = jax.vmap(lambda x_i, k: iwelbo(model, x_i, k, n_samples, chunk))(x, keys)
         elbos = jax.vmap(lambda x_i, k: elbo(model, x_i, k)[0])(x, keys)
         return bounds, elbos
-    return jax.pmap(evaluate, axis_name=axis_name, in_axes=(0, 0, None, None))
+    return evaluate
+
+
+EVALUATE_IN_AXES = (0, 0, None, None)  # model, test shard per device; start, key shared
+
+
+@functools.lru_cache(maxsize=None)  # built once per shape
+def make_evaluator(n_samples: int, chunk: int, batch: int, axis_name: str = "devices"):
+    return jax.pmap(make_evaluate_call(n_samples, chunk, batch, axis_name), axis_name=axis_name,
+                    in_axes=EVALUATE_IN_AXES)
 
 
 # %% [markdown]
 # ### Checkpoints
 #
-# Kaggle sessions end (time limits, idle timeouts, preemption). Every `checkpoint_every_s`
-# seconds and at the end, each model's state goes into one file, `data/checkpoints/<model>.ckpt`:
-# a JSON header (the run's *fingerprint*, the step and the loss history) followed by the
-# parameters, optimiser state and pool (`eqx.tree_serialise_leaves`). It is written under a
-# temporary name and renamed once, so a kill at any moment leaves either the old checkpoint or the
-# new one, never a step from one and weights from the other. Keys and batches follow from the
-# seed and the step, so nothing else is needed to resume. A checkpoint whose fingerprint (preset,
-# architecture, batch, optimiser, pool, seed) differs from this run's is refused, and one that
-# cannot be read is named with what to do; neither is ever loaded silently.
+# Sessions end (time limits, idle timeouts, preemption). Every `checkpoint_every_s` seconds and at
+# the end, each model's state goes into one file, `data/checkpoints/<model>.ckpt`: a JSON header
+# (the run's *fingerprint*, the step, the loss history), then the parameters, optimiser state and
+# pool. It is written under a temporary name and renamed once, so a kill leaves the old checkpoint
+# or the new one, never a mix. Keys and batches follow from the seed and the step, so nothing else
+# is needed to resume. The newest matching checkpoint, here or under `/kaggle/input` on Kaggle, is
+# loaded; this run's own file with another fingerprint (preset, architecture, batch, optimiser,
+# pool, seed), or unreadable, is refused with what to do.
 
 # %%
 class CheckpointMismatch(RuntimeError):
@@ -1676,18 +1801,38 @@ def fingerprint(name: str, config: Config) -> dict:
             "nca": [config.nca_steps_per_stage, config.n_doublings] if name == "doubling" else None}
 
 
+def write_atomically(path: Path, write: Callable) -> None:
+    """write(file) into a temporary file, flushed to disk, then one rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".tmp")
+    with partial.open("wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
 def save_checkpoint(path: Path, state: TrainState, meta: dict) -> None:
     """Header and leaves into one temporary file, then one rename over the old checkpoint."""
     header = json.dumps({"fingerprint": meta, "step": state.step, "history": state.history,
                          "saved": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".tmp")
-    with partial.open("wb") as file:
+
+    def write(file) -> None:
         file.write(CHECKPOINT_MAGIC + len(header).to_bytes(8, "little") + header)
         eqx.tree_serialise_leaves(file, (state.model, state.opt_state, state.pool))
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+    write_atomically(path, write)
+
+
+def read_header(file) -> dict:
+    """The JSON header of an open checkpoint file; the file is left at the first leaf."""
+    if file.read(len(CHECKPOINT_MAGIC)) != CHECKPOINT_MAGIC:
+        raise ValueError("it does not start like a checkpoint of this notebook's format")
+    return json.loads(file.read(int.from_bytes(file.read(8), "little")))
+
+
+def checkpoint_header(path: Path) -> dict:
+    with open(path, "rb") as file:
+        return read_header(file)
 
 
 def load_checkpoint(path: Path, like: TrainState, meta: dict) -> TrainState | None:
@@ -1696,9 +1841,7 @@ def load_checkpoint(path: Path, like: TrainState, meta: dict) -> TrainState | No
         return None
     try:
         with open(path, "rb") as file:
-            if file.read(len(CHECKPOINT_MAGIC)) != CHECKPOINT_MAGIC:
-                raise ValueError("it does not start like a checkpoint of this notebook's format")
-            info = json.loads(file.read(int.from_bytes(file.read(8), "little")))
+            info = read_header(file)
             if info["fingerprint"] != meta:
                 differ = {k: (info["fingerprint"].get(k), v) for k, v in meta.items() if info["fingerprint"].get(k) != v}
                 raise CheckpointMismatch(
@@ -1711,6 +1854,35 @@ def load_checkpoint(path: Path, like: TrainState, meta: dict) -> TrainState | No
         raise CheckpointCorrupt(f"{path} cannot be read ({type(error).__name__}: {error}). Delete it to train "
                                 "from scratch, or put back the copy you saved.") from error
     return TrainState(model, opt_state, pool, int(info["step"]), info["history"])
+
+
+def saved_checkpoints(name: str, config: Config) -> list[Path]:
+    """This run's checkpoint path, then any `<name>.ckpt` below config.resume_dirs (on Kaggle,
+    /kaggle/input, where an earlier version's output, attached as input, keeps data/checkpoints/)."""
+    return [config.checkpoint_dir / f"{name}.ckpt", *(p for root in config.resume_dirs
+                                                      for p in files_under(Path(root), f"{name}.ckpt"))]
+
+
+def newest_checkpoint(name: str, config: Config, like: TrainState, log: Callable = print) -> TrainState | None:
+    """The matching checkpoint with the most steps among saved_checkpoints, copied into this run's
+    checkpoint folder if it came from elsewhere (so that this session's output holds it). This run's
+    own file must match; another run's file found elsewhere is skipped with a line saying so."""
+    own, meta, best, source = config.checkpoint_dir / f"{name}.ckpt", fingerprint(name, config), None, None
+    for path in saved_checkpoints(name, config):
+        try:
+            state = load_checkpoint(path, like, meta)
+        except (CheckpointMismatch, CheckpointCorrupt) as error:
+            if path == own:
+                raise
+            log(f"{name}: skipping {path}: {str(error).split('. ')[0]}")
+            continue
+        if state is not None and (best is None or state.step > best.step):
+            best, source = state, path
+    if best is not None and source != own:
+        with open(source, "rb") as original:
+            write_atomically(own, lambda file: shutil.copyfileobj(original, file))
+        log(f"{name}: copied {source} (step {best.step:,}) to {own}")
+    return best
 
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
@@ -1835,16 +2007,19 @@ def progress_line(name: str, step: int, steps: int, row: list, rate: float, comp
 
 
 def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, log: Callable = print,
-          max_calls: int | None = None, checkpoints: bool = True) -> TrainState:
+          max_calls: int | None = None, checkpoints: bool = True, deadline: float | None = None) -> TrainState:
+    """Train (or resume) one model up to its steps, or config.until_step, or `max_calls` calls, or
+    until time.time() passes `deadline`, whichever comes first; returns the state on the host."""
     settings, n_devices = config.model_settings()[name], mesh.devices.size
+    target = min(settings.steps, config.until_step) if config.until_step else settings.steps
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
     state = fresh_state(name, config, init_key)
     path, meta = config.checkpoint_dir / f"{name}.ckpt", fingerprint(name, config)
-    resumed = load_checkpoint(path, state, meta) if checkpoints else None
+    resumed = newest_checkpoint(name, config, state, log) if checkpoints else None
     if resumed is not None:
         state = resumed
-        log(f"{name}: resumed from {path} at step {state.step:,}")
-    if state.step >= settings.steps:
+        log(f"{name}: resumed at step {state.step:,}")
+    if state.step >= target or max_calls == 0:
         return state
 
     per_device_batch = per_device(settings.batch, n_devices, f"{name} batch")
@@ -1857,8 +2032,8 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
     step, history, calls, clock = state.step, list(state.history), 0, compile_clock()
     last_save = last_log = started = time.perf_counter()
     images_done = 0
-    while step < settings.steps and (max_calls is None or calls < max_calls):
-        n_inner = min(config.inner_steps, settings.steps - step)
+    while step < target and (max_calls is None or calls < max_calls) and (deadline is None or time.time() < deadline):
+        n_inner = min(config.inner_steps, target - step)
         indices = put_on_devices(batch_indices(train_on_devices.shape[1], config.seed, step, n_inner,
                                                n_devices, per_device_batch), mesh)
         t_call, compiled_before = time.perf_counter(), clock.seconds
@@ -1872,10 +2047,11 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
         else:
             images_done += n_inner * settings.batch
         history.append([step, float(metrics[:, 0].mean()), float(metrics[:, 1].mean()), now - t_call])
-        if checkpoints and (step >= settings.steps or now - last_save >= config.checkpoint_every_s):
+        last_call = step >= target or calls == max_calls or (deadline is not None and time.time() >= deadline)
+        if checkpoints and (last_call or now - last_save >= config.checkpoint_every_s):
             save_checkpoint(path, to_host(model, opt_state, pool, step, history), meta)
             last_save = now
-        if step >= settings.steps or now - last_log >= config.progress_every_s or calls == 1:
+        if last_call or now - last_log >= config.progress_every_s or calls == 1:
             rate = images_done / (now - started) if images_done else 0.0
             log(progress_line(name, step, settings.steps, history[-1], rate, compile_s if calls == 1 else None))
             last_log = now
@@ -1922,14 +2098,13 @@ print(check_listener_and_resume(train_on_devices, mesh, config.micro_batch))
 # %% [markdown]
 # ### Pre-flight: what this run will cost
 #
-# Before hours go into training, `preflight` runs each model's first calls through `train` itself
-# (one optimiser step per call, no checkpoint) and reports the compile time and the seconds per
-# step, and projects the preset's training time from them. `VNCA_MODE=estimate` does this for the
-# `full` preset, timing 8 images per device and scaling linearly to the paper's batch, adds the
-# IWELBO-128's time per image, saves it to `data/estimate.json` and stops; appendix A puts the
-# numbers next to the machine's matrix-product speed. One step per call overstates a step whose
-# program allocates large buffers afresh each call: on this CPU the non-doubling step timed about
-# twice its speed in training (25 steps per call).
+# `preflight` runs each model's first calls through `train` itself (one optimiser step per call,
+# no checkpoint), reports the compile time and seconds per step, and projects the training and
+# IWELBO time; the session check below decides from it. `VNCA_MODE=estimate` does this for the
+# `full` preset (8 images per device, scaled linearly to the paper's batch), saves it to
+# `data/estimate.json` with the memory plan, and stops. One step per call overstates a step that
+# allocates large buffers afresh each call: on this CPU the non-doubling step timed about twice
+# its speed in training (25 steps per call).
 
 # %%
 def iwelbo_seconds_per_image(name: str, config: Config, test_on_devices: jax.Array, mesh: Mesh) -> float:
@@ -1993,8 +2168,8 @@ def preflight_table(flight: dict) -> str:
 
 flight = None
 if config.stop_after_estimate:  # the target preset with this backend's settings, 8 images per device
-    target = dataclasses.replace(PRESETS[config.estimate_target], micro_batch=config.micro_batch)
-    flight = preflight(target, train_on_devices, test_on_devices, mesh, timed_per_device=8)
+    estimated = dataclasses.replace(PRESETS[config.estimate_target], micro_batch=config.micro_batch, backend=config.backend)
+    flight = preflight(estimated, train_on_devices, test_on_devices, mesh, timed_per_device=8)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     (config.data_dir / "estimate.json").write_text(json.dumps(flight, indent=2))
 elif config.run_preflight:
@@ -2006,55 +2181,342 @@ else:
 
 
 # %% [markdown]
-# With `VNCA_MODE=estimate` the notebook stops here. Run as a script it exits with status 0; in
-# Jupyter, "Run all" stops at this cell with a one-line message instead of a traceback.
+# ### Pre-flight: memory
+#
+# A `full` run must also fit each device's memory: the budget is the smaller of a TPU v3 core's
+# 16 GiB and the 75 % of a 16 GB GPU that JAX takes by default, 11.2 GiB. `memory_plan` compiles,
+# without running, the `full` training call and IWELBO call at the per-device shapes of 8 devices
+# (a Kaggle TPU), 2 (Kaggle's 2 x T4) and 1 (one GPU), and reads XLA's memory analysis: arguments
+# + outputs + temporaries - donated buffers. Compiled on a CPU, the numbers are indicative for a
+# GPU; a TPU also pads the last two dimensions of arrays to 8 x 128 tiles, which quadruples the
+# (..., 32, 32) images but not the cell states, which dominate. The `cpu` and `estimate` presets
+# make the plan, as does `VNCA_MEMORY_PLAN=1` (CI); appendix A shows the table.
 
 # %%
-class StopAfterEstimate(Exception):
+GIB = 2 ** 30
+MEMORY_BUDGET = min(16 * GIB, 0.75 * 16e9)  # bytes per device: a TPU v3 core; JAX's default share of a 16 GB GPU
+PLAN_LAYOUTS = (8, 2, 1)  # devices: a Kaggle TPU v3-8; Kaggle's 2 x T4; one P100, T4 or Colab GPU
+
+
+def abstract(tree, device_axis: bool = False):
+    """The shapes and dtypes of a tree's arrays (with a leading device axis of 1); nothing is allocated."""
+    lead = (1,) if device_axis else ()
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(lead + tuple(np.shape(a)), jnp.result_type(a)), tree)
+
+
+def one_device_program(call: Callable, in_axes: tuple, donated: tuple = ()):
+    """What one device runs of a pmap'd call: the call under jit, vmapped over a device axis of 1."""
+    return jax.jit(jax.vmap(call, in_axes=in_axes, axis_name="devices"), donate_argnums=donated)
+
+
+def program_bytes(compiled) -> int:
+    """XLA's memory analysis of a compiled program: arguments + outputs + temporaries - donated."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def training_bytes(name: str, config: Config, n_devices: int) -> int:
+    settings = config.model_settings()[name]
+    state = eqx.filter_eval_shape(fresh_state, name, config, jax.random.PRNGKey(0))
+    pool = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+        (1, per_device(s.shape[0], n_devices, "pool_size"), *s.shape[1:]), s.dtype), abstract(state.pool))
+    indices = (1, config.inner_steps, per_device(settings.batch, n_devices, f"{name} batch"))
+    args = (abstract(state.model, True), abstract(state.opt_state, True), pool,
+            jax.ShapeDtypeStruct((1, config.n_train, 1, 32, 32), jnp.float32),
+            jax.ShapeDtypeStruct(indices, jnp.int32), abstract(jax.random.PRNGKey(0)), jax.ShapeDtypeStruct((), jnp.int32))
+    program = one_device_program(make_train_call(StepSettings.of(name, config)), TRAIN_IN_AXES, TRAIN_DONATED)
+    return program_bytes(program.lower(*args).compile())
+
+
+def iwelbo_bytes(name: str, config: Config, n_devices: int) -> int:
+    model = eqx.filter_eval_shape(make_model, name, config.model_settings()[name].latent, config, jax.random.PRNGKey(0))
+    per_dev = per_device(config.n_test, n_devices, "n_test")
+    call = make_evaluate_call(config.iw_samples, config.iw_chunk, largest_divisor(per_dev, config.eval_batch))
+    args = (abstract(model, True), jax.ShapeDtypeStruct((1, per_dev, 1, 32, 32), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32), abstract(jax.random.PRNGKey(0)))
+    return program_bytes(one_device_program(call, EVALUATE_IN_AXES).lower(*args).compile())
+
+
+def memory_plan(config: Config, layouts: tuple[int, ...] = PLAN_LAYOUTS, log: Callable = print) -> dict:
+    """Bytes per device of each model's training and IWELBO programs, per layout (number of devices)."""
+    plan = {"preset": config.preset, "backend": jax.default_backend(), "jax": jax.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), "budget": MEMORY_BUDGET, "layouts": list(layouts), "programs": {}}
+    for name in MODEL_NAMES:
+        for program, measure in (("training", training_bytes), (f"IWELBO-{config.iw_samples}", iwelbo_bytes)):
+            started = time.perf_counter()
+            plan["programs"][f"{name} {program}"] = row = [measure(name, config, n) for n in layouts]
+            log(f"{name:12s} {program:10s} " + "  ".join(f"{n} device(s) {b / GIB:5.2f} GiB" for n, b in zip(layouts, row))
+                + f"   ({time.perf_counter() - started:.0f} s to compile)")
+    return plan
+
+
+def memory_table(plan: dict) -> str:
+    cell = lambda b: f"{b / GIB:.2f}" + ("" if b <= plan["budget"] else " **over**")
+    rows = [[program, *map(cell, row)] for program, row in plan["programs"].items()]
+    return (markdown_table(["GiB per device, `full` preset", *[f"{n} device" + "s" * (n > 1) for n in plan["layouts"]]], rows)
+            + f"\n\nBudget {plan['budget'] / GIB:.1f} GiB per device; the largest program takes "
+              f"{max(map(max, plan['programs'].values())) / plan['budget']:.0%} of it. XLA's memory analysis on backend "
+              f"`{plan['backend']}` (JAX {plan['jax']}, {plan['date']}); compiled, not run.")
+
+
+memory = None
+if config.memory_plan:  # the accelerators' settings (whole batches), whatever this machine is
+    memory = memory_plan(dataclasses.replace(PRESETS["full"], micro_batch=(0, 0), backend="tpu"))
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    (config.data_dir / "memory_plan.json").write_text(json.dumps(memory, indent=2))
+else:
+    print("memory plan not made in this run (VNCA_MEMORY_PLAN=1 makes it); appendix A shows the last one saved")
+
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_memory_plan(plan: dict | None) -> str:
+    """Every `full` program fits the budget in every layout; the analysis counts what it should."""
+    if plan is None:
+        return "memory plan: not computed in this run"
+    over = [(program, n, f"{b / GIB:.2f} GiB") for program, row in plan["programs"].items()
+            for n, b in zip(plan["layouts"], row) if b > plan["budget"]]
+    assert not over, f"over the {plan['budget'] / GIB:.1f} GiB budget: {over}"
+    training = plan["programs"]["nondoubling training"]
+    assert training[0] < training[-1], "one device holds more of the batch and the pool than eight"
+    largest = max(b for row in plan["programs"].values() for b in row)
+    return (f"memory plan: {len(plan['programs']) * len(plan['layouts'])} programs, all under "
+            f"{plan['budget'] / GIB:.1f} GiB (largest {largest / GIB:.2f} GiB)")
+
+
+print(check_memory_plan(memory))
+
+# %% [markdown]
+# With `VNCA_MODE=estimate` the notebook stops here. Run as a script it exits with status 0; in
+# Jupyter, "Run all" stops at this cell with a one-line message instead of a traceback. The same
+# stop ends a session that cannot finish its work, or that leaves a model unfinished (below).
+
+# %%
+class StopRun(Exception):
     def _render_traceback_(self) -> list[str]:  # IPython shows this instead of a traceback
         return [f"Stopped: {self}"]
 
 
-def stop_after_estimate(message: str) -> None:
+def stop_run(message: str) -> None:
     print(message, flush=True)
     if get_ipython() is not None:
-        raise StopAfterEstimate(message)
+        raise StopRun(message)
     sys.exit(0)
 
 
 if config.stop_after_estimate:
-    stop_after_estimate(f"VNCA_MODE={config.preset}: the pre-flight of `{config.estimate_target}` is in "
-                        f"{config.data_dir / 'estimate.json'}; nothing is trained. Unset VNCA_MODE to run the notebook.")
+    stop_run(f"VNCA_MODE={config.preset}: the pre-flight of `{config.estimate_target}` is in "
+             f"{config.data_dir / 'estimate.json'}; nothing is trained. Unset VNCA_MODE to run the notebook.")
 
 
 # %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
 def check_stop() -> str:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            stop_after_estimate("(checking the stop)")
-        raise AssertionError("stop_after_estimate must stop the run")
-    except (StopAfterEstimate, SystemExit):
+            stop_run("(checking the stop)")
+        raise AssertionError("stop_run must stop the run")
+    except (StopRun, SystemExit):
         pass
-    return "stop after the pre-flight: ends the run in Jupyter and as a script"
+    return "stop_run: ends the run in Jupyter and as a script"
 
 
 print(check_stop())
 
 
 # %% [markdown]
-# ### Training the three models
+# ### Sessions: what fits before the platform stops the kernel
 #
-# Each model trains with its preset's settings (printed below with the step, the loss, i.e. minus
-# the training ELBO in nats, the KL term and the throughput). On a re-run, finished models load
-# from their checkpoints in seconds and unfinished ones resume.
+# A Kaggle session ends after 9 hours on a TPU and 12 on a GPU; `/kaggle/working` survives only as
+# a saved version's output. From the pre-flight's seconds per step and the steps left (read from
+# the newest matching checkpoint, in `data/checkpoints/` or under `/kaggle/input`, where an
+# attached earlier version's output appears), the notebook projects this session's work: the
+# models in `VNCA_MODELS` (default all), plus the evaluation if all will be finished. Over 90 % of
+# what is left of the session (`VNCA_SESSION_HOURS` overrides the limit), it stops before
+# training and lists sessions that fit, as settings; `VNCA_UNTIL_STEP` ends a session's training
+# at a step. The README gives the steps on Kaggle.
 
 # %%
+SESSION_MARGIN = 0.9  # use 90 % of the platform's session limit: set-up, figures and saving take the rest
+PLAN_FILL = 0.85  # plan later sessions to 85 % of that, leaving room for their pre-flight and for timing noise
+
+
+def done_steps(config: Config, log: Callable = lambda line: None) -> dict[str, int]:
+    """The step of each model's newest checkpoint of this run (0 if none), read from the headers only."""
+    done = {}
+    for name in MODEL_NAMES:
+        steps = [0]
+        for path in saved_checkpoints(name, config):
+            try:
+                header = checkpoint_header(path)
+            except (OSError, ValueError) as error:
+                log(f"{name}: cannot read {path} ({error})")
+                continue
+            if header["fingerprint"] == fingerprint(name, config):
+                steps.append(int(header["step"]))
+        done[name] = max(steps)
+    return done
+
+
+def sessions_that_fit(config: Config, flight: dict, done: dict[str, int], capacity_s: float) -> list[dict]:
+    """Sessions that finish the run from `done`, each projected within capacity_s: the models each
+    trains, up to which step, and whether it ends with the evaluation. A session that stops a model
+    early trains only that model, so that its settings are VNCA_MODELS and VNCA_UNTIL_STEP."""
+    new_session = lambda: {"train": {}, "seconds": 0.0, "evaluate": False}
+    sessions, current = [], new_session()
+    for name in MODEL_NAMES:
+        step, steps, step_s = done[name], config.model_settings()[name].steps, flight["models"][name]["step_s"]
+        while step < steps:
+            fit = int((capacity_s - current["seconds"]) / step_s) // config.inner_steps * config.inner_steps
+            if step + fit < steps and current["train"]:  # it would stop early: give it a session of its own
+                sessions.append(current)
+                current = new_session()
+                continue
+            if fit <= 0:
+                raise ValueError(f"one call of {config.inner_steps} {name} steps ({config.inner_steps * step_s:.0f} s) "
+                                 "does not fit a session: lower VNCA_INNER_STEPS.")
+            until = min(steps, step + fit)
+            current["train"][name], current["seconds"] = until, current["seconds"] + (until - step) * step_s
+            step = until
+            if step < steps:
+                sessions.append(current)
+                current = new_session()
+    evaluation_s = sum(c["projected_iwelbo_s"] for c in flight["models"].values())
+    if current["train"] and current["seconds"] + evaluation_s > capacity_s:
+        sessions.append(current)
+        current = new_session()
+    current["evaluate"], current["seconds"] = True, current["seconds"] + evaluation_s
+    return sessions + [current]
+
+
+def session_settings(session: dict, config: Config) -> list[str]:
+    """The lines that set up one planned session, to paste into a cell at the top of the notebook."""
+    names = list(session["train"]) or list(MODEL_NAMES)  # an evaluation-only session: every model loads
+    last = names[-1]
+    until = session["train"][last] if session["train"].get(last, 0) < config.model_settings()[last].steps else 0
+    return [f"%env VNCA_MODELS={','.join(names)}", f"%env VNCA_UNTIL_STEP={until}"]
+
+
+def session_list(config: Config, flight: dict, done: dict[str, int], capacity_s: float) -> str:
+    sessions = sessions_that_fit(config, flight, done, capacity_s)
+    return "\n".join(f"  session {i} ({duration(s['seconds'])}" + (", ends with the evaluation" if s["evaluate"] else "")
+                     + "):\n      " + "\n      ".join(session_settings(s, config)) for i, s in enumerate(sessions, 1))
+
+
+def decide_session(config: Config, flight: dict | None, done: dict[str, int], elapsed_s: float) -> str:
+    """Say what this session will do; stop (StopRun) with sessions that fit if it cannot do it."""
+    if flight is None:
+        return "no projection: the pre-flight was skipped (VNCA_ESTIMATE=0), so nothing is checked"
+    until = lambda name: min(config.model_settings()[name].steps, config.until_step or 10 ** 12)
+    work = sum(max(until(n) - done[n], 0) * flight["models"][n]["step_s"] for n in config.selected)
+    finishes = all(done[n] >= s.steps or (n in config.selected and until(n) == s.steps)
+                   for n, s in config.model_settings().items())
+    projected = work + (sum(c["projected_iwelbo_s"] for c in flight["models"].values()) if finishes else 0.0)
+    summary = (f"this session trains {', '.join(config.selected)} (done so far: "
+               + ", ".join(f"{n} {s:,}" for n, s in done.items()) + f"); projected {duration(projected)}"
+               + (" with the evaluation" if finishes else ""))
+    if not config.session_hours:
+        return summary + "; no session limit known (VNCA_SESSION_HOURS sets one)"
+    limit_s = config.session_hours * 3600 * SESSION_MARGIN
+    left_s = limit_s - elapsed_s
+    if projected <= left_s:
+        return summary + f"; fits the {config.session_hours:g} h session ({duration(left_s)} usable)"
+    stop_run(f"Not started: {summary}, over the {duration(max(left_s, 0))} left of this {config.session_hours:g} h "
+             f"session. Sessions that fit, each set up by two lines in a cell at the top (README, 'Kaggle'):\n"
+             + session_list(config, flight, done, limit_s * PLAN_FILL))
+
+
+show_markdown(decide_session(config, flight, done_steps(config, print), time.time() - process_state.started))
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_kaggle_session(splits: dict[str, np.ndarray], train_on_devices: jax.Array, mesh: Mesh) -> str:
+    """A simulated Kaggle session: the environment marker set, the dataset and a previous version's
+    checkpoint under a fake /kaggle/input. The data loads from there; training resumes from that
+    checkpoint and saves to the working folder; a projection over the session is refused with
+    sessions that fit."""
+    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        kaggle_input, working = Path(scratch) / "input", Path(scratch) / "working"
+        (kaggle_input / "binarized-mnist").mkdir(parents=True)
+        np.savez(kaggle_input / "binarized-mnist" / CACHE_NAME, **splits)
+        loaded = load_binarized_mnist(working / "data", [kaggle_input])
+        assert all((loaded[split] == splits[split]).all() for split in SPLIT_SIZES)
+
+        environ = {"KAGGLE_KERNEL_RUN_TYPE": "Batch", "VNCA_MODE": "smoke", "VNCA_MODELS": "nondoubling"}
+        kaggle = make_config(environ, "tpu")
+        assert (kaggle.session_hours, kaggle.resume_dirs, kaggle.selected) == (9.0, ("/kaggle/input",), ("nondoubling",))
+        kaggle = dataclasses.replace(kaggle, out_dir=str(working), resume_dirs=(str(kaggle_input),), inner_steps=1,
+                                     progress_every_s=1e9, nondoubling=dataclasses.replace(kaggle.nondoubling, steps=2))
+        previous = dataclasses.replace(kaggle, out_dir=str(kaggle_input / "vnca-reproduction"), resume_dirs=(), until_step=1)
+        assert train("nondoubling", previous, train_on_devices, mesh).step == 1  # an earlier version's session
+        assert done_steps(kaggle) == {"baseline": 0, "doubling": 0, "nondoubling": 1}
+        lines = []
+        state = train("nondoubling", kaggle, train_on_devices, mesh, log=lines.append)
+        assert state.step == 2 and any(str(kaggle_input) in line and "step 1" in line for line in lines), lines
+        assert checkpoint_header(working / "data" / "checkpoints" / "nondoubling.ckpt")["step"] == 2
+
+        full = make_config({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, "tpu")  # 3 x 100,000 steps at 1 s/step: 83 h
+        flight = {"models": {name: {"step_s": 1.0, "projected_iwelbo_s": 900.0} for name in MODEL_NAMES}}
+        nothing_done = dict.fromkeys(MODEL_NAMES, 0)
+        capacity = full.session_hours * 3600 * SESSION_MARGIN * PLAN_FILL
+        sessions = sessions_that_fit(full, flight, nothing_done, capacity)
+        assert all(s["seconds"] <= capacity for s in sessions) and sessions[-1]["evaluate"]
+        assert all(len(s["train"]) == 1 for s in sessions if session_settings(s, full)[1] != "%env VNCA_UNTIL_STEP=0")
+        for name in MODEL_NAMES:
+            assert max(s["train"].get(name, 0) for s in sessions) == full.model_settings()[name].steps
+        try:
+            decide_session(full, flight, nothing_done, elapsed_s=600)
+            raise AssertionError("a session that cannot finish must not start")
+        except (StopRun, SystemExit):
+            pass
+        assert "%env VNCA_MODELS=baseline\n      %env VNCA_UNTIL_STEP=2" in printed.getvalue(), printed.getvalue()
+        assert "fits" in decide_session(full, flight, {**nothing_done, "baseline": 100_000, "doubling": 100_000,
+                                                       "nondoubling": 90_000}, elapsed_s=600)
+    return (f"Kaggle session (simulated): data and a checkpoint found under a fake /kaggle/input, resumed at step 1; "
+            f"an 83 h projection refused with {len(sessions)} sessions that fit")
+
+
+print(check_kaggle_session(splits, train_on_devices, mesh))
+
+
+# %% [markdown]
+# ### Training the three models
+#
+# Each model in `VNCA_MODELS` (default: all) trains with its preset's settings (printed below
+# with the step, the loss, i.e. minus the training ELBO in nats, the KL term and the throughput);
+# the others only load their newest checkpoint. On a re-run, finished models load in seconds and
+# unfinished ones resume. Training also ends 10 % before a known session limit, with a checkpoint.
+# If a model is then unfinished, the notebook stops here and says what the next session needs.
+
+# %%
+def session_end(trained: dict[str, TrainState], config: Config, flight: dict | None) -> str:
+    """What a session that leaves a model unfinished did, and what the next ones need."""
+    done = {name: state.step for name, state in trained.items()}
+    status = ", ".join(f"{name} {step:,}/{config.model_settings()[name].steps:,}" for name, step in done.items())
+    sessions = ("\nThe sessions left:\n" + session_list(config, flight, done, config.session_hours * 3600 * SESSION_MARGIN
+                                                      * PLAN_FILL) if flight and config.session_hours else "")
+    return (f"This session ends after training ({status} steps): the results need every model finished. The "
+            f"checkpoints are in {config.checkpoint_dir}/. On Kaggle, attach this version's output as input to the "
+            "next one (README, 'Kaggle'). The cells below are skipped; restart the kernel to run again." + sessions)
+
+
+def end_session(message: str) -> None:
+    """End the run without an error, so that a saved Kaggle version keeps its output: in Jupyter every
+    later cell becomes a no-op (until the kernel restarts); run as a script, exit with status 0."""
+    print(message, flush=True)
+    shell = get_ipython()
+    if shell is None:
+        sys.exit(0)
+    shell.input_transformers_post.append(lambda lines: ["pass\n"])
+
+
+deadline = process_state.started + config.session_hours * 3600 * SESSION_MARGIN if config.session_hours else None
 trained: dict[str, TrainState] = {}
-for name in config.model_settings():
-    trained[name] = train(name, config, train_on_devices, mesh)
+for name in MODEL_NAMES:
+    trained[name] = train(name, config, train_on_devices, mesh, deadline=deadline,
+                          max_calls=None if name in config.selected else 0)
     minutes = sum(row[3] for row in trained[name].history) / 60
-    print(f"{name}: {trained[name].step:,} steps, final training loss {trained[name].history[-1][1]:.2f} nats, "
-          f"{minutes:.1f} min of training in all\n", flush=True)
+    print(f"{name}: {trained[name].step:,} steps" + (f", final training loss {trained[name].history[-1][1]:.2f} nats, "
+          f"{minutes:.1f} min of training in all\n" if trained[name].history else ", not trained yet\n"), flush=True)
+if any(state.step < config.model_settings()[name].steps for name, state in trained.items()):
+    end_session(session_end(trained, config, flight))
 models = {name: state.model for name, state in trained.items()}
 
 
@@ -2875,41 +3337,33 @@ show_markdown(f"Non-doubling VNCA: {results['attractors']}.")
 # %% [markdown]
 # ## 10. Discussion
 #
-# **What this run can and cannot say.** The committed outputs come from the `cpu` preset: minutes
-# of training per model on a 2-core CPU, at most about one epoch (section 7 gives the scale),
-# with the NCA latent narrowed to 32 while the baseline keeps its 256, and each model trained for
-# a different number of steps. That checks that every part of the pipeline works and learns; it
-# is far too little, and too unequal between the models, to test the paper's numbers. The `full`
-# preset runs the paper's settings with the same code, and has not been run for this report:
-# we had no TPU or GPU.
-#
-# **Reading the claims.** Section 7's summary says, from the numbers, where each claim stands in
-# this run. Two cautions apply to all of them. The models are unequally trained, so an ordering
-# between them may reflect the budget rather than the architecture (the paper and the
-# replication compare the models after 100,000 steps each). And the IWELBO here uses fewer
-# importance samples and test images than the paper's, so it is a looser bound than IWELBO-128
-# on all 10,000 images.
+# **What this run can and cannot say.** The committed outputs come from the `cpu` preset: at most
+# about one epoch per model on a 2-core CPU (section 7 gives the scale), the NCA latent narrowed to
+# 32 while the baseline keeps 256, and unequal step counts. That shows every part of the pipeline
+# working and learning; it cannot test the paper's numbers, and an ordering between the models
+# may reflect the budget rather than the architecture. The IWELBO here also uses fewer importance
+# samples and test images, so it is a looser bound than IWELBO-128 on 10,000 images. The `full`
+# preset runs the paper's settings with the same code; it has been compiled for 8, 2 and 1
+# devices, not run: we had no TPU or GPU.
 #
 # **What was easy.** The architectures: the three models reproduce the paper's parameter counts
-# exactly, and Equinox modules map one-to-one onto the paper's description. The objective and the
-# IWELBO are a few lines each, and their checks passed from the start. The checks that caught bugs
-# were elsewhere: the evaluated test subset once held only zeros (the split is sorted by digit);
-# and a review found one device's keys repeating another step's shared key, now a check.
+# exactly, and Equinox modules map one-to-one onto its description. The objective and the IWELBO
+# are a few lines each. The checks that caught bugs were elsewhere: the evaluated test subset once
+# held only zeros (the split is sorted by digit), and one device's keys repeated another step's
+# shared key.
 #
 # **What was difficult.**
 # - *Speed on CPU.* XLA:CPU's convolutions are slow at these shapes, inside `lax.scan` above all;
-#   writing every convolution as one matrix product made the training steps several times faster
-#   (appendix A).
+#   one matrix product per convolution made the steps several times faster (appendix A).
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
-#   `lax.while_loop` cannot be differentiated in reverse mode; the binary decomposition of $T$
-#   under `lax.cond` gives a cost that follows $T$.
-# - *The pool across devices* has to stay the same size on every device, needs a permutation
-#   all devices agree on, and must start empty without special cases (the `valid` flag).
-# - *JAX's API moved:* `device_put_sharded` and `device_put_replicated`, which the replication
-#   relied on, are gone; `jax.device_put` with a `NamedSharding` replaces both.
-#
-# **Tested where.** On CPU only (see the summary at the top); no accelerator code path has met a
-# TPU or GPU.
+#   `lax.while_loop` has no reverse-mode gradient; the binary decomposition of $T$ under
+#   `lax.cond` gives a cost that follows $T$, but its memory followed $T_{max}$ until each branch
+#   became a `jax.checkpoint` (appendix A).
+# - *The pool across devices* must keep one size per device, a permutation all devices agree on,
+#   and an empty start without special cases (the `valid` flag).
+# - *JAX's API moved:* `device_put_sharded` and `device_put_replicated` are gone (`jax.device_put`
+#   with a `NamedSharding` replaces both), and JAX 0.4.30-0.4.33 sent such arrays through the host
+#   at every pmap call unless told not to (section 1).
 #
 # ## 11. References, links and licences
 #
@@ -2975,14 +3429,11 @@ show_markdown(markdown_table(
     + f"\n\nPreset `{config.preset}` on {results['devices']} (backend `{jax.default_backend()}`).")
 
 # %% [markdown]
-# **Efficiency.** A forward pass's arithmetic is counted from the layer shapes in
-# multiply-accumulates (MAC): $k^2 C_{in} C_{out}$ per output cell of a $k \times k$ convolution
-# (per input cell for the transposed ones), the update network's MACs per cell and step for the
-# NCA. A training step costs about three forward passes (forward, and two products per layer
-# backward) at 2 FLOP per MAC. Its FLOP/s per device, from the pre-flight's seconds per step, over
-# those of a large float32 matrix product on the same device (called back to back for 2 s: the
-# median call is the *sustained* rate, the fastest the *burst*) is the share of the hardware's
-# matrix speed that training reaches.
+# **Efficiency.** A forward pass's multiply-accumulates (MAC) are counted from the layer shapes
+# ($k^2 C_{in} C_{out}$ per output cell of a $k \times k$ convolution). A training step costs about
+# three forward passes at 2 FLOP per MAC. Its FLOP/s per device, from the pre-flight, over those of
+# a large float32 matrix product on the same device (called for 2 s: the median call is the
+# *sustained* rate, the fastest the *burst*) is the share of the matrix speed training reaches.
 
 # %%
 def conv_macs(cells: int, kernel: int, n_in: int, n_out: int) -> int:
@@ -3103,9 +3554,8 @@ show_markdown(markdown_table(["model", "lever", "kept", "s/step", "alternative",
                 "1.2 apart, not margins.")
 
 # %% [markdown]
-# **Levers from development.** Measured on the 2-core CPUs this report was written on (an AMD Zen 5
-# and an Intel Xeon, both shared, with speeds that moved by tens of percent from minute to minute);
-# git history has the details of each measurement.
+# **Levers from development.** Measured on the shared 2-core CPUs this report was written on
+# (speeds moved by tens of percent from minute to minute); git history has the details.
 #
 # | lever | kept? | effect measured |
 # |---|---|---|
@@ -3128,6 +3578,25 @@ if "preset" in saved_estimate:
 else:
     print(f"No pre-flight of the `full` preset in {estimate_path} (missing or from an older version): "
           "run VNCA_MODE=estimate to make one.")
+
+# %% [markdown]
+# **Memory of a `full` run.** Section 6's plan. Before the fix below, the non-doubling training
+# call needed 14.49 GiB on one device: `lax.cond` keeps the values saved for the backward pass of
+# every branch, taken or not, so `grow_for` paid for 32 + 63 steps whatever $T$ was drawn. Under
+# `remat` each branch is now a `jax.checkpoint`: the cond keeps its input, and the backward pass
+# reruns the taken branch. Measured in development on this CPU (medians of 10 gradient calls over
+# $T$ in [32, 64]), that costs 2 % and 8 % in two runs at latent 128 (batch 4) and 16 % at latent
+# 32 (batch 32); checkpointing the first $T_{min}$ steps too (+19 %) or keeping only the state
+# (+41 %) cost more. The `cpu` preset has no `remat` and is unchanged. On one GPU the margin is
+# thinnest; `XLA_PYTHON_CLIENT_MEM_FRACTION=.9` before importing JAX gives JAX more memory.
+
+# %%
+plan_path = Path("data") / "memory_plan.json"
+shown_plan = memory or (json.loads(plan_path.read_text()) if plan_path.exists() else None)
+if shown_plan:
+    show_markdown(memory_table(shown_plan))
+else:
+    print(f"No memory plan in {plan_path}: run with VNCA_MEMORY_PLAN=1 to make one.")
 
 # %% [markdown]
 # Last, every number of this run goes to `data/results.json` (the README's table is made from it).
