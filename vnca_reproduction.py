@@ -44,13 +44,10 @@
 # `smoke` preset on CPU with the newest JAX (0.10.2) and with JAX 0.6.2 (Kaggle's TPU range), both
 # on 8 simulated devices taking the accelerators' code paths, and with the oldest, 0.4.30, on 2.
 #
-# **Running it on Kaggle.** Import the notebook (File > Import Notebook), choose a TPU (8 devices;
-# a GPU works too) and *Run All*. The first cell installs only what the image lacks and never
-# touches its JAX. On an accelerator the `full` preset is the default; the replication trained it
-# on a TPU v3-8 in about 10 min (baseline), 40 min (doubling) and 2.5 h (non-doubling). A
-# pre-flight projects the run; one that would outlast the session stops before training with
-# settings for sessions that fit, and a later session continues from the checkpoints of an
-# earlier version attached as input (section 6, README). Offline, attach the data (section 3).
+# **Running it on Kaggle.** Import the notebook, choose a TPU (or a GPU) and *Run All*: the `full`
+# preset is the default there (the replication trained it on a TPU v3-8 in about 10 min, 40 min
+# and 2.5 h). A run that would outlast the session stops before training and lists sessions that
+# fit; the README gives the steps, and section 3 what to attach offline.
 
 # %% [markdown]
 # ## 1. Setup
@@ -237,6 +234,7 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | `cpu` | the committed run, 60-80 min on 2 CPU cores; default on CPU | NCA latent 32 (the decoders' cost grows with its square); 1,500 / 1,000 / 500 steps; non-doubling batch 32 and pool 256; no `jax.checkpoint`; 25 steps per call; 512 test images, IWELBO-32; t-SNE of 2,000 points |
 # | `smoke` | CI: every cell in minutes | tiny everything; its numbers mean nothing |
 # | `estimate` | the pre-flight of a `full` run on these devices, then stop | trains nothing |
+# | `sweep` | choosing the `cpu` preset: the doubling VNCA at several sizes for equal time, then stop | trains only the sweep |
 #
 # Environment variables override single settings: `VNCA_STEPS` (every model), `VNCA_N_TEST`,
 # `VNCA_IW_SAMPLES`, `VNCA_SEED`, `VNCA_INNER_STEPS`, `VNCA_ESTIMATE=0` (no pre-flight, no
@@ -295,6 +293,8 @@ class Config:
     session_hours: float = 0.0  # the platform's session limit (Kaggle: 9 h TPU, 12 h GPU/CPU); 0: none known
     memory_plan: bool = False  # compile the `full` programs and report their memory (section 6); VNCA_MEMORY_PLAN=1
     resume_dirs: tuple[str, ...] = ()  # where earlier sessions' checkpoints may be attached (Kaggle: /kaggle/input)
+    classifier_steps: int = 1_000  # training steps of the digit classifier that scores recognisability
+    sweep_seconds: float = 420.0  # VNCA_MODE=sweep: training time per setting
 
     @property
     def figures_dir(self) -> Path:
@@ -357,9 +357,11 @@ PRESETS = {
         progress_every_s=0.0,
         out_dir="data/smoke",
         estimate_target="smoke",
+        classifier_steps=60,
     ),
 }
 PRESETS["estimate"] = dataclasses.replace(PRESETS["cpu"], preset="estimate", stop_after_estimate=True)
+PRESETS["sweep"] = dataclasses.replace(PRESETS["cpu"], preset="sweep", memory_plan=False, run_preflight=False)
 
 ENV_OVERRIDES = {  # environment variable -> Config field
     "VNCA_N_TEST": "n_test",
@@ -2323,6 +2325,165 @@ print(check_stop())
 
 
 # %% [markdown]
+# ### A digit classifier, to measure recognisability
+#
+# Whether images look like digits is measured, not judged by eye: a small convolutional classifier
+# trained on a random half of the labelled test split scores them (as Bernoulli means); its
+# accuracy on the other half, where reconstructions are scored, is the ceiling.
+
+# %%
+class DigitClassifier(eqx.Module):
+    """Two 3x3 convolutions of stride 2 (32 and 64 channels, ELU), then a linear read-out:
+    images (..., 1, 32, 32) -> logits (..., 10)."""
+    convs: list[Conv]
+    head: Dense
+
+    def __init__(self, *, key: jax.Array):
+        keys = jax.random.split(key, 3)
+        self.convs = [Conv(1, 32, 3, key=keys[0], stride=2, padding=1), Conv(32, 64, 3, key=keys[1], stride=2, padding=1)]
+        self.head = Dense(64 * 8 * 8, 10, key=keys[2])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jnp.moveaxis(x, -3, -1)
+        for conv in self.convs:
+            h = jax.nn.elu(conv(h))
+        return self.head(h.reshape(*h.shape[:-3], -1))
+
+
+def classify(classifier: DigitClassifier, images: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Class probabilities (N, 10) of images (N, 1, 32, 32) with values in [0, 1]."""
+    predict = eqx.filter_jit(lambda c, x: jax.nn.softmax(c(x)))
+    return np.concatenate([np.asarray(predict(classifier, jnp.asarray(images[i:i + batch])))
+                           for i in range(0, len(images), batch)])
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, seed: int, steps: int,
+                     batch: int = 128) -> tuple[DigitClassifier, float, np.ndarray]:
+    """Fit on a random half of the images; return the classifier, its accuracy on the other half
+    (held out), and the held-out indices."""
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(len(images))
+    fit, held_out = order[: len(images) // 2], np.sort(order[len(images) // 2:])
+    classifier = DigitClassifier(key=jax.random.fold_in(jax.random.PRNGKey(seed), 7))
+    optimizer = optax.adam(1e-3)
+    opt_state = optimizer.init(eqx.filter(classifier, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(classifier, opt_state, x, y):
+        loss = lambda c: optax.softmax_cross_entropy_with_integer_labels(c(x), y).mean()
+        updates, opt_state = optimizer.update(eqx.filter_grad(loss)(classifier), opt_state)
+        return eqx.apply_updates(classifier, updates), opt_state
+
+    for _ in range(steps):
+        ids = rng.choice(fit, batch)
+        classifier, opt_state = step(classifier, opt_state, jnp.asarray(images[ids]), jnp.asarray(labels[ids]))
+    accuracy = float((classify(classifier, images[held_out]).argmax(-1) == labels[held_out]).mean())
+    return classifier, accuracy, held_out
+
+
+classifier, classifier_accuracy, held_out = train_classifier(test_images_all, test_labels_all, config.seed,
+                                                             config.classifier_steps)
+print(f"digit classifier: {classifier_accuracy:.1%} correct on the {len(held_out):,} held-out test digits")
+
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_classifier(accuracy: float, held_out: np.ndarray, n_images: int, steps: int) -> str:
+    """The held-out half is half of the test split, without repeats; the classifier learned."""
+    assert len(held_out) == len(np.unique(held_out)) == n_images // 2
+    assert accuracy > (0.95 if steps >= 1_000 else 0.3), f"the classifier reaches only {accuracy:.1%}"
+    return f"classifier: {accuracy:.1%} on held-out digits after {steps:,} steps"
+
+
+print(check_classifier(classifier_accuracy, held_out, len(test_images_all), config.classifier_steps))
+
+# %% [markdown]
+# ### Choosing the `cpu` preset: a sweep at equal CPU time
+#
+# `VNCA_MODE=sweep` trains the doubling VNCA at each (latent, batch) of `SWEEP_SETTINGS` for the
+# same training time here (`sweep_seconds`, compiling included), scores its reconstructions of
+# 500 held-out digits at half and full time, saves `data/sweep.json` and stops. The best score at
+# equal time learns most per CPU minute; appendix A shows the table.
+
+# %%
+SWEEP_SETTINGS = [(latent, batch) for latent in (32, 64, 128) for batch in (8, 32)]  # (latent, batch)
+
+
+def reconstructions(model: VAE, images: np.ndarray, key: jax.Array, batch: int = 50) -> np.ndarray:
+    """Bernoulli means (N, 1, 32, 32) of the decoding of one posterior sample per image."""
+    @eqx.filter_jit
+    def decode_sample(model: VAE, x: jax.Array, key: jax.Array) -> jax.Array:
+        mean, logvar = jax.vmap(model.encoder)(x)
+        z = jax.vmap(sample_posterior)(jax.random.split(key, len(x)), mean, logvar)
+        return jax.nn.sigmoid(decode_whole_batch(model.decoder, z))
+    return np.concatenate([np.asarray(decode_sample(model, jnp.asarray(images[i:i + batch]), jax.random.fold_in(key, i)))
+                           for i in range(0, len(images), batch)])
+
+
+def reconstruction_agreement(model: VAE, images: np.ndarray, labels: np.ndarray, key: jax.Array) -> float:
+    """The share of reconstructions that the classifier assigns to the true label."""
+    return float((classify(classifier, reconstructions(model, images, key)).argmax(-1) == labels).mean())
+
+
+def sweep(config: Config, settings: list[tuple[int, int]], seconds: float, images: np.ndarray, labels: np.ndarray,
+          train_on_devices: jax.Array, mesh: Mesh, log: Callable = print) -> list[dict]:
+    """Per (latent, batch): train the doubling VNCA for `seconds` of training wall time and score its
+    reconstructions at half and full time."""
+    rows, key = [], jax.random.fold_in(jax.random.PRNGKey(config.seed), 11)
+    for latent, batch in settings:
+        with tempfile.TemporaryDirectory() as scratch:
+            run = dataclasses.replace(config, out_dir=scratch, inner_steps=2, progress_every_s=1e9, checkpoint_every_s=1e9,
+                                      doubling=ModelSettings(latent=latent, batch=batch, steps=10 ** 9))
+            row = {"latent": latent, "batch": batch, "points": []}
+            for fraction in (0.5, 1.0):
+                trained_s = sum(r[3] for r in row["history"]) if "history" in row else 0.0
+                state = train("doubling", run, train_on_devices, mesh, log=lambda line: None,
+                              deadline=time.time() + fraction * seconds - trained_s)
+                row["history"] = state.history
+                row["points"].append({"seconds": sum(r[3] for r in state.history), "steps": state.step,
+                                      "loss": state.history[-1][1],
+                                      "agreement": reconstruction_agreement(state.model, images, labels, key)})
+                log(f"latent {latent:4d} batch {batch:3d}: {state.step:5,d} steps in {row['points'][-1]['seconds']:5.0f} s, "
+                    f"loss {state.history[-1][1]:7.2f}, reconstructions recognised {row['points'][-1]['agreement']:.1%}")
+            del row["history"]
+            rows.append(row)
+    return rows
+
+
+def sweep_table(result: dict) -> str:
+    rows = [[r["latent"], r["batch"], *[f"{p['steps']:,} steps, {p['seconds'] / 60:.1f} min: **{p['agreement']:.1%}**"
+                                        for p in r["points"]], f"{r['points'][-1]['loss']:.1f}"] for r in result["rows"]]
+    return (markdown_table(["latent", "batch", "half time", "full time", "training loss"], rows)
+            + f"\n\nDoubling VNCA, reconstructions of {result['n_images']} held-out test digits recognised by the classifier "
+              f"(its ceiling {result['ceiling']:.1%}); {result['seconds'] / 60:.0f} min of training each on "
+              f"{result['devices']} ({result['date']}).")
+
+
+if config.preset == "sweep":
+    sweep_rows = sweep(config, SWEEP_SETTINGS, config.sweep_seconds, test_images_all[held_out[:500]],
+                       test_labels_all[held_out[:500]], train_on_devices, mesh)
+    sweep_result = {"rows": sweep_rows, "seconds": config.sweep_seconds, "n_images": 500, "ceiling": classifier_accuracy,
+                    "devices": f"{n_devices} x {jax.devices()[0].device_kind}", "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_atomically(config.data_dir / "sweep.json", lambda file: file.write(json.dumps(sweep_result, indent=2).encode()))
+    show_markdown(sweep_table(sweep_result))
+    stop_run(f"VNCA_MODE=sweep: the sweep is in {config.data_dir / 'sweep.json'}; nothing else is trained.")
+
+
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_sweep(train_on_devices: jax.Array, mesh: Mesh) -> str:
+    """The sweep trains for about the time it is given, in two parts, and scores both."""
+    [row] = sweep(PRESETS["smoke"], [(8, 8)], 6.0, test_images_all[held_out[:20]], test_labels_all[held_out[:20]],
+                  train_on_devices, mesh, log=lambda line: None)
+    first, last = row["points"]
+    assert 0 < first["steps"] <= last["steps"] and first["seconds"] <= last["seconds"]
+    assert all(0.0 <= p["agreement"] <= 1.0 for p in row["points"])
+    table = sweep_table({"rows": [row], "seconds": 6.0, "n_images": 20, "ceiling": 1.0, "devices": "-", "date": "-"})
+    assert table.count("\n") >= 3 and "steps" in table
+    return f"sweep: {last['steps']} steps in {last['seconds']:.1f} s of a 6 s budget, scored twice"
+
+
+print(check_sweep(train_on_devices, mesh))
+
+# %% [markdown]
 # ### Sessions: what fits before the platform stops the kernel
 #
 # A Kaggle session ends after 9 hours on a TPU and 12 on a GPU; `/kaggle/working` survives only as
@@ -3337,20 +3498,16 @@ show_markdown(f"Non-doubling VNCA: {results['attractors']}.")
 # %% [markdown]
 # ## 10. Discussion
 #
-# **What this run can and cannot say.** The committed outputs come from the `cpu` preset: at most
-# about one epoch per model on a 2-core CPU (section 7 gives the scale), the NCA latent narrowed to
-# 32 while the baseline keeps 256, and unequal step counts. That shows every part of the pipeline
-# working and learning; it cannot test the paper's numbers, and an ordering between the models
-# may reflect the budget rather than the architecture. The IWELBO here also uses fewer importance
-# samples and test images, so it is a looser bound than IWELBO-128 on 10,000 images. The `full`
-# preset runs the paper's settings with the same code; it has been compiled for 8, 2 and 1
-# devices, not run: we had no TPU or GPU.
+# **What this run can and cannot say.** The committed `cpu` run trains each model for at most
+# about one epoch on a 2-core CPU, the NCA latent narrowed to 32 while the baseline keeps 256, with
+# unequal step counts. It shows the pipeline working and learning; it cannot test the paper's
+# numbers, and an ordering between models may reflect the budget, not the architecture. Its
+# IWELBO uses fewer samples and images (a looser bound). The `full` preset runs the paper's
+# settings with the same code; it has been compiled, not run: we had no TPU or GPU.
 #
-# **What was easy.** The architectures: the three models reproduce the paper's parameter counts
-# exactly, and Equinox modules map one-to-one onto its description. The objective and the IWELBO
-# are a few lines each. The checks that caught bugs were elsewhere: the evaluated test subset once
-# held only zeros (the split is sorted by digit), and one device's keys repeated another step's
-# shared key.
+# **What was easy.** The architectures (the paper's parameter counts, exactly) and the objective.
+# The checks caught bugs elsewhere: a test subset of only zeros (the split is sorted by digit),
+# and one device's keys repeating another step's shared key.
 #
 # **What was difficult.**
 # - *Speed on CPU.* XLA:CPU's convolutions are slow at these shapes, inside `lax.scan` above all;
@@ -3562,9 +3719,8 @@ show_markdown(markdown_table(["model", "lever", "kept", "s/step", "alternative",
 # | convolutions as one im2col matrix product instead of `lax.conv_general_dilated` | yes | NCA steps inside `lax.scan` 24x faster on CPU (doubling, batch 8: 4.9 s vs 118.8 s) |
 # | transposed convolutions by their four output parities (one 3x3 product) | yes | no multiplications by inserted zeros; the baseline's step several times faster |
 # | weights stored (out, in), layers computing $x W^\top$ | yes | weight gradients at 88-95 % of the matmul rate instead of 58-74 %; doubling step about 6 % faster |
-# | the encoder's windows by one gather; the optimiser on one flat vector (`optax.flatten`) | yes | the doubling step's program compiled 15-20 % and 1-2 s faster; steps as fast |
-# | the NCA on whole batches (`rows_product`) instead of per image under `jax.vmap` | yes | 616 XLA kernels instead of 734 in the doubling step; step times within the noise |
-# | `dots_saveable` checkpoint policy; oneDNN; channels-first state; a gather for every layer; glibc allocator settings | no | no gain beyond the noise, slower compiles, or $T = 32$ costing as much as $T = 64$ |
+# | the encoder's windows by one gather; `optax.flatten` | yes | compiles 15-20 % faster; steps as fast |
+# | `dots_saveable` policy; oneDNN; channels-first state; allocator settings | no | no gain beyond the noise |
 
 # %% [markdown]
 # **A `full` run.** `VNCA_MODE=estimate` runs the pre-flight for the `full` preset and saves it in
@@ -3580,15 +3736,24 @@ else:
           "run VNCA_MODE=estimate to make one.")
 
 # %% [markdown]
-# **Memory of a `full` run.** Section 6's plan. Before the fix below, the non-doubling training
-# call needed 14.49 GiB on one device: `lax.cond` keeps the values saved for the backward pass of
-# every branch, taken or not, so `grow_for` paid for 32 + 63 steps whatever $T$ was drawn. Under
-# `remat` each branch is now a `jax.checkpoint`: the cond keeps its input, and the backward pass
-# reruns the taken branch. Measured in development on this CPU (medians of 10 gradient calls over
-# $T$ in [32, 64]), that costs 2 % and 8 % in two runs at latent 128 (batch 4) and 16 % at latent
-# 32 (batch 32); checkpointing the first $T_{min}$ steps too (+19 %) or keeping only the state
-# (+41 %) cost more. The `cpu` preset has no `remat` and is unchanged. On one GPU the margin is
-# thinnest; `XLA_PYTHON_CLIENT_MEM_FRACTION=.9` before importing JAX gives JAX more memory.
+# **The sweep that chose the `cpu` preset** (section 6; `VNCA_MODE=sweep`), the last one saved.
+
+# %%
+sweep_path = Path("data") / "sweep.json"
+if sweep_path.exists():
+    show_markdown(sweep_table(json.loads(sweep_path.read_text())))
+else:
+    print(f"No sweep in {sweep_path}: run VNCA_MODE=sweep to make one.")
+
+# %% [markdown]
+# **Memory of a `full` run.** Section 6's plan. The non-doubling training call needed 14.49 GiB
+# on one device: `lax.cond` keeps the backward pass's saved values of every branch, taken or not,
+# so `grow_for` paid for 32 + 63 steps whatever $T$. Under `remat` each branch is now a
+# `jax.checkpoint` (the cond keeps its input; the backward pass reruns the taken branch). Measured
+# in development here (medians of 10 gradient calls, $T$ in [32, 64]), that costs 2 % and 8 % in two
+# runs at latent 128 (batch 4), 16 % at latent 32 (batch 32); also checkpointing the first
+# $T_{min}$ steps (+19 %) or keeping only the state (+41 %) cost more. The `cpu` preset (no
+# `remat`) is unchanged. For one GPU, `XLA_PYTHON_CLIENT_MEM_FRACTION=.9` gives JAX more memory.
 
 # %%
 plan_path = Path("data") / "memory_plan.json"
