@@ -2433,18 +2433,16 @@ def sweep(config: Config, settings: list[tuple[int, int]], seconds: float, image
         with tempfile.TemporaryDirectory() as scratch:
             run = dataclasses.replace(config, out_dir=scratch, inner_steps=2, progress_every_s=1e9, checkpoint_every_s=1e9,
                                       doubling=ModelSettings(latent=latent, batch=batch, steps=10 ** 9))
-            row = {"latent": latent, "batch": batch, "points": []}
+            row, trained_s = {"latent": latent, "batch": batch, "points": []}, 0.0
             for fraction in (0.5, 1.0):
-                trained_s = sum(r[3] for r in row["history"]) if "history" in row else 0.0
                 state = train("doubling", run, train_on_devices, mesh, log=lambda line: None,
                               deadline=time.time() + fraction * seconds - trained_s)
-                row["history"] = state.history
-                row["points"].append({"seconds": sum(r[3] for r in state.history), "steps": state.step,
+                trained_s = sum(r[3] for r in state.history)
+                row["points"].append({"seconds": trained_s, "steps": state.step,
                                       "loss": state.history[-1][1],
                                       "agreement": reconstruction_agreement(state.model, images, labels, key)})
                 log(f"latent {latent:4d} batch {batch:3d}: {state.step:5,d} steps in {row['points'][-1]['seconds']:5.0f} s, "
                     f"loss {state.history[-1][1]:7.2f}, reconstructions recognised {row['points'][-1]['agreement']:.1%}")
-            del row["history"]
             rows.append(row)
     return rows
 
