@@ -3119,7 +3119,8 @@ print(check_long_runs(long_runs))
 # against their labels, also for the snapshots kept during training; (b) prior samples: mean
 # top-class probability and share per class; (c) whether the non-doubling VNCA's recovered digits
 # keep their undamaged class; (d) the same for damage during growth (paper Fig. 11: the right
-# half of every cell state zeroed once), doubling VNCA against baseline.
+# half of every cell state zeroed once), doubling VNCA against baseline. (c) and (d) mean little
+# for a model whose samples all fall in one class (see (b)).
 
 # %%
 CHANCE = 0.1  # ten classes
