@@ -231,7 +231,7 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | preset | for | differs from the paper by |
 # |---|---|---|
 # | `full` | the paper's settings; default on TPU/GPU | nothing: latent 256/256/128, batch 32/32/128, 100,000 steps, pool 1024, IWELBO-128 on 10,000 test images |
-# | `cpu` | the committed run, about 90 min on 2 CPU cores; default on CPU | one setting for all three models, chosen by the sweep (section 6): latent 32, batch 8, 5,000 steps; learning rate $3 \cdot 10^{-4}$; pool 256; the doubling batch decoded whole on CPU; 512 test images, IWELBO-32; t-SNE of 2,000 points |
+# | `cpu` | the committed run, about 80 min on 2 CPU cores; default on CPU | one setting for all three models, chosen by the sweep (section 6): latent 32, batch 8, 5,000 steps; learning rate $3 \cdot 10^{-4}$; pool 256; the doubling batch decoded whole on CPU; 512 test images, IWELBO-32; t-SNE of 2,000 points |
 # | `smoke` | CI: every cell in minutes | tiny everything; its numbers mean nothing |
 # | `estimate` | the pre-flight of a `full` run on these devices, then stop | trains nothing |
 # | `sweep` | choosing the `cpu` preset: the doubling VNCA at several sizes for equal time, then stop | trains only the sweep |
@@ -279,7 +279,6 @@ class Config:
     micro_batch: tuple[int, int] = (0, 0)
     micro_batch_cpu: tuple[int, int] = (16, 2)
     native_convs: bool = False  # convolutions by lax.conv_general_dilated (TPU/GPU) instead of im2col (CPU)
-    unroll_nca: bool = False  # NCA steps written out instead of looped by lax.scan
     iw_samples: int = 128  # importance samples for the IWELBO
     iw_chunk: int = 16  # importance samples decoded at once
     eval_batch: int = 8  # test images per device per evaluation call
@@ -1158,20 +1157,18 @@ class UpdateNet(eqx.Module):
         return self.out(h)
 
 
-def grow(update: UpdateNet, z: jax.Array, n_steps: int, *, remat: bool = False, unroll: bool = False,
+def grow(update: UpdateNet, z: jax.Array, n_steps: int, *, remat: bool = False,
          keep_states: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """Apply z <- z + u(z) n_steps times with lax.scan; also return every state if keep_states.
 
     remat: the backward pass recomputes each step from the state entering it and the output of
-    its 3x3 perception, instead of storing all of the step's intermediate values.
-    unroll: the scan written out step by step (no loop in the program): longer to compile, and
-    XLA:CPU runs a native convolution at its fast speed only outside a loop."""
+    its 3x3 perception, instead of storing all of the step's intermediate values."""
     def step(state, _):
         new = state + update(state)
         return new, (new if keep_states else None)
     if remat:
         step = jax.checkpoint(step, policy=jax.checkpoint_policies.save_only_these_names("perception"))
-    return lax.scan(step, z, None, length=n_steps, unroll=max(n_steps, 1) if unroll else 1)
+    return lax.scan(step, z, None, length=n_steps)
 
 
 def double(z: jax.Array) -> jax.Array:
@@ -1205,7 +1202,7 @@ print(check_nca_step())
 # \text{ of } T - T_{min}]$: one scan of $T_{min}$ steps, then one scan of $2^b$ steps per bit
 # under `lax.cond`. The cost follows $T$ and gradients flow through the branches.
 #
-# **Memory.** With `remat` (the `full` preset), each NCA step is a `jax.checkpoint` keeping only
+# **Memory.** With `remat` (the `full` and `cpu` presets), each NCA step is a `jax.checkpoint` keeping only
 # its input state and its 3x3 perception for the backward pass, and each `grow_for` branch is one
 # too, since a cond keeps every branch's saved values, taken or not (appendix A).
 #
@@ -1230,12 +1227,11 @@ class DoublingDecoder(NCADecoder):
     steps_per_stage: int = eqx.field(static=True)
     n_doublings: int = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
-    unroll: bool = eqx.field(static=True)
 
     def __init__(self, latent: int, steps_per_stage: int, n_doublings: int, remat: bool, *, key: jax.Array,
-                 native: bool = False, unroll: bool = False):
+                 native: bool = False):
         self.update = UpdateNet(latent, n_blocks=4, elu_after_perceive=False, key=key, native=native)
-        self.steps_per_stage, self.n_doublings, self.remat, self.unroll = steps_per_stage, n_doublings, remat, unroll
+        self.steps_per_stage, self.n_doublings, self.remat = steps_per_stage, n_doublings, remat
 
     def seed(self, z: jax.Array) -> jax.Array:
         """Latents (..., Z) -> states (..., 2, 2, Z)."""
@@ -1247,8 +1243,7 @@ class DoublingDecoder(NCADecoder):
             state = double(state)
         if damage:
             state = damage(index, state)
-        return grow(self.update, state, self.steps_per_stage, remat=self.remat, unroll=self.unroll,
-                    keep_states=keep_states)
+        return grow(self.update, state, self.steps_per_stage, remat=self.remat, keep_states=keep_states)
 
     def grow(self, state: jax.Array, n_steps: int | None = None, keep_states: bool = False,
              damage: Damage | None = None):
@@ -1271,12 +1266,11 @@ class NonDoublingDecoder(NCADecoder):
     size: int = eqx.field(static=True)
     t_test: int = eqx.field(static=True)
     remat: bool = eqx.field(static=True)
-    unroll: bool = eqx.field(static=True)
 
     def __init__(self, latent: int, t_test: int, remat: bool, *, key: jax.Array, size: int = 32,
-                 native: bool = False, unroll: bool = False):
+                 native: bool = False):
         self.update = UpdateNet(latent, n_blocks=0, elu_after_perceive=True, key=key, native=native)
-        self.size, self.t_test, self.remat, self.unroll = size, t_test, remat, unroll
+        self.size, self.t_test, self.remat = size, t_test, remat
 
     def seed(self, z: jax.Array) -> jax.Array:
         return jnp.broadcast_to(z[..., None, None, :], (*z.shape[:-1], self.size, self.size, z.shape[-1]))
@@ -1286,7 +1280,7 @@ class NonDoublingDecoder(NCADecoder):
         """n_steps NCA steps (None: the test T); `damage` rewrites the state before them."""
         state = damage(0, state) if damage else state
         return grow(self.update, state, self.t_test if n_steps is None else n_steps, remat=self.remat,
-                    unroll=self.unroll, keep_states=keep_states)
+                    keep_states=keep_states)
 
     def grow_for(self, state: jax.Array, n_steps: jax.Array, t_min: int, t_max: int) -> jax.Array:
         """Exactly n_steps (a traced integer in [t_min, t_max]) steps, at the cost of n_steps."""
@@ -1308,13 +1302,12 @@ class VAE(eqx.Module):
 
 def make_model(name: str, latent: int, config: Config, key: jax.Array) -> VAE:
     k_enc, k_dec = jax.random.split(key)
-    native, unroll = config.native_convs, config.unroll_nca
+    native = config.native_convs
     decoder = {
         "baseline": lambda: BaselineDecoder(latent, key=k_dec, native=native),
         "doubling": lambda: DoublingDecoder(latent, config.nca_steps_per_stage, config.n_doublings,
-                                            config.remat, key=k_dec, native=native, unroll=unroll),
-        "nondoubling": lambda: NonDoublingDecoder(latent, config.t_test, config.remat, key=k_dec, native=native,
-                                                  unroll=unroll),
+                                            config.remat, key=k_dec, native=native),
+        "nondoubling": lambda: NonDoublingDecoder(latent, config.t_test, config.remat, key=k_dec, native=native),
     }[name]()
     return VAE(Encoder(latent, key=k_enc, native=native), decoder)
 
@@ -1366,8 +1359,14 @@ def check_models(images: np.ndarray) -> str:
         return decoder.logits(decoder.grow(decoder.seed(z))[0])
 
     native = dataclasses.replace(PRESETS["smoke"], native_convs=True)
+    def active(model: VAE) -> VAE:  # an NCA's last layer starts at zero, which would hide its 3x3 convolution
+        if isinstance(model.decoder, BaselineDecoder):
+            return model
+        return eqx.tree_at(lambda m: m.decoder.update.out.weight, model, jax.random.normal(jax.random.PRNGKey(3), (8, 8)))
+
     for name in PAPER_PARAMETERS:  # the accelerators' native convolutions: the same logits from the same weights
-        logits = [encode_decode(make_model(name, 8, preset, jax.random.PRNGKey(1)), x)[1] for preset in (PRESETS["smoke"], native)]
+        logits = [encode_decode(active(make_model(name, 8, preset, jax.random.PRNGKey(1))), x)[1]
+                  for preset in (PRESETS["smoke"], native)]
         assert jnp.allclose(*logits, rtol=1e-4, atol=1e-4), f"{name}: native and im2col models must agree"
 
     z = jax.random.normal(jax.random.PRNGKey(2), (3, 8))
@@ -2252,7 +2251,8 @@ if config.stop_after_estimate:  # the target preset with this backend's settings
     target = PRESETS[config.estimate_target]
     estimated = dataclasses.replace(target, micro_batch=target.micro_batch_cpu if config.backend == "cpu" else (0, 0),
                                     backend=config.backend,
-                                    native_convs=config.native_convs, inner_steps=min(2, config.inner_steps))
+                                    native_convs=config.native_convs,
+                                    inner_steps=2 if config.backend == "cpu" else target.inner_steps)
     flight = preflight(estimated, train_on_devices, test_on_devices, mesh, timed_per_device=8)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     (config.data_dir / "estimate.json").write_text(json.dumps(flight, indent=2))
@@ -2800,16 +2800,19 @@ if any(state.step < config.model_settings()[name].steps for name, state in train
 models = {name: state.model for name, state in trained.items()}
 
 
-def measured_step_seconds(history: list) -> float:
-    """Seconds per optimiser step in training: the median over calls, the first (compiling) one left out."""
-    steps = np.diff(np.concatenate([[0], [row[0] for row in history]]))
-    return float(np.median([row[3] / n for row, n in zip(history[1:], steps[1:])])) if len(history) > 1 else float("nan")
+def measured_step_seconds(history: list) -> float | None:
+    """Seconds per optimiser step in training: the median over its full-length calls, the first
+    (compiling) one left out, and shorter calls too (each compiles a program of its own)."""
+    steps = np.diff([0] + [row[0] for row in history])
+    full = [row[3] / n for row, n in zip(history[1:], steps[1:]) if n == steps.max()]
+    return float(np.median(full)) if full else None
 
 
 step_seconds = {name: {"predicted": flight["models"][name]["step_s"] if flight else None,
                        "measured": measured_step_seconds(state.history)} for name, state in trained.items()}
-print("\n".join(f"{name:12s} s/step: pre-flight {t['predicted'] or float('nan'):.3f}, training {t['measured']:.3f}"
-                + (f" (measured / predicted {t['measured'] / t['predicted']:.2f})" if t["predicted"] else "")
+print("\n".join(f"{name:12s} s/step: pre-flight {t['predicted'] or float('nan'):.3f}, "
+                f"training {t['measured'] or float('nan'):.3f}"
+                + (f" (measured / predicted {t['measured'] / t['predicted']:.2f})" if t["predicted"] and t["measured"] else "")
                 for name, t in step_seconds.items()))
 
 
@@ -3786,8 +3789,6 @@ show_markdown(f"Non-doubling VNCA: {results['attractors']}.")
 # settings with the same code; it has been compiled, not run: we had no TPU or GPU.
 #
 # **What was easy.** The architectures (the paper's parameter counts, exactly) and the objective.
-# The checks caught bugs elsewhere: a test subset of only zeros (the split is sorted by digit),
-# and one device's keys repeating another step's shared key.
 #
 # **What was difficult.**
 # - *Speed on CPU.* XLA:CPU's convolutions are slow at these shapes, inside `lax.scan` above all;
@@ -3944,7 +3945,7 @@ print(check_macs())
 # call costs beyond its steps), and the non-doubling gradient at $T_{min}$ and $T_{max}$ (cost should follow $T$).
 
 # %%
-def lever_cases(config: Config, n_devices: int) -> list[tuple[str, str, Config, str, str]]:
+def lever_cases(config: Config) -> list[tuple[str, str, Config, str, str]]:
     """(model, lever, the run's config with the lever switched, kept value, alternative value)."""
     cases = [(name, "`jax.checkpoint` per NCA step", dataclasses.replace(config, remat=not config.remat),
               "on" if config.remat else "off", "off" if config.remat else "on") for name in ("doubling", "nondoubling")]
@@ -3961,7 +3962,7 @@ def lever_cases(config: Config, n_devices: int) -> list[tuple[str, str, Config, 
 def lever_rows(config: Config, train_on_devices: jax.Array, test_on_devices: jax.Array, mesh: Mesh,
                rounds: int = 2) -> list[list]:
     rows = []
-    for name, lever, other_config, kept, other in lever_cases(config, mesh.devices.size):
+    for name, lever, other_config, kept, other in lever_cases(config):
         seconds = {kept: [], other: []}
         for _ in range(rounds):
             for label, timed_config in ((kept, config), (other, other_config)):
@@ -4013,11 +4014,12 @@ show_markdown(markdown_table(["model", "lever", "kept", "s/step", "alternative",
 # | doubling, 32 (micro-batches) | 31.1 | 17.1 | 1.82x | >= 1.2x |
 # | non-doubling, 8, $T = 36$ | 2.13 | 2.46 | 0.87x | >= 1.2x |
 #
-# Two goals are missed, and XLA:CPU is the limit: its convolution is ten times slower than im2col
-# at these shapes (row 1 above; jax-ml/jax#12868), and im2col copies each activation $k^2$ times
-# where PyTorch's oneDNN reads it in place; in the non-doubling step (one 3x3 and one 1x1 layer
-# per cell) the copies cost as much as the products. An Intel machine (2026-12-05) gave 0.85x /
-# 1.49x / 0.81x.
+# Two goals are missed, and XLA:CPU is the limit. im2col copies each activation $k^2$ times, where
+# PyTorch's oneDNN convolutions read it in place, but XLA:CPU's own convolution is fast only
+# outside loops (jax-ml/jax#12868): the non-doubling decoder's gradient ($T = 36$, batch 8) takes
+# 1.72 s with native convolutions written out step by step against 2.37 s by im2col, and 54.8 s
+# against 2.27 s inside a loop over steps, as in a training call; one step per call costs more
+# (the levers table).
 
 # %% [markdown]
 # **A `full` run.** `VNCA_MODE=estimate` runs the pre-flight for the `full` preset and saves it in
