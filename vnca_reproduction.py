@@ -1,7 +1,7 @@
 # ---
 # jupyter:
 #   jupytext:
-#     cell_metadata_filter: tags,jupyter,-all
+#     cell_metadata_filter: _kg_hide-input,tags,jupyter,-all
 #     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
@@ -148,7 +148,7 @@ wheel_dirs = sorted({path.parent for path in files_under(Path("/kaggle/input"), 
 run_setup(setup_commands(dict(os.environ), installed_version, wheel_dirs))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_setup() -> str:
     """On Kaggle the cell installs what is missing, with JAX pinned and the Equinox rule applied;
     offline, from attached wheels or with one message; elsewhere nothing."""
@@ -431,7 +431,7 @@ print(f"  test images {config.n_test:,}, importance samples {config.iw_samples},
       f"t-SNE points {config.tsne_points:,}, outputs under {Path(config.out_dir).resolve()}")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_config(config: Config, n_devices: int) -> str:
     assert make_config({}, "cpu").preset == "cpu" and make_config({}, "tpu").preset == "full"
     assert make_config({"VNCA_MODE": "full"}, "cpu").micro_batch == (16, 2) and make_config({}, "gpu").micro_batch == (0, 0)
@@ -585,7 +585,7 @@ print(f"loaded in {time.perf_counter() - t0:.1f} s: "
       + ", ".join(f"{split} {images.shape}" for split, images in splits.items()))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_loader(splits: dict[str, np.ndarray]) -> str:
     """The parser against the original text format, a truncated cache caught and rebuilt, and the
     message a reader gets with no data and no network."""
@@ -643,7 +643,7 @@ test_images_all = pad_to_32(splits["test"])
 test_labels_all = np.repeat(np.arange(10), TEST_CLASS_COUNTS).astype(np.int32)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_layout(train_images: np.ndarray, test_images_all: np.ndarray, labels: np.ndarray, config: Config) -> str:
     assert train_images.shape == (config.n_train, 1, 32, 32) and train_images.dtype == np.float32
     assert test_images_all.shape == (10_000, 1, 32, 32)
@@ -785,7 +785,7 @@ print(f"training set {train_on_devices.shape} replicated, test set {test_on_devi
       f"over {n_devices} device(s)")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_placement(train_on_devices: jax.Array, test_on_devices: jax.Array, test_images: np.ndarray,
                     test_labels: np.ndarray, train_images: np.ndarray) -> str:
     n_devices, per_device = jax.device_count(), test_on_devices.shape[1]
@@ -831,7 +831,7 @@ def batch_indices(n_images: int, seed: int, first_step: int, n_steps: int, n_dev
     return indices.reshape(n_steps, n_devices, per_device_batch).transpose(1, 0, 2).astype(np.int32)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_batch_indices() -> str:
     one_epoch = batch_indices(100, seed=1, first_step=0, n_steps=25, n_devices=2, per_device_batch=2)
     assert one_epoch.shape == (2, 25, 2) and sorted(one_epoch.transpose(1, 0, 2).ravel().tolist()) == list(range(100))
@@ -1002,7 +1002,7 @@ class UpConv(eqx.Module):
         return y + self.bias
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_layers() -> str:
     """Each layer against lax.conv_general_dilated; the gather and the slices against each other."""
     def reference_conv(weight, bias, x, stride=1, padding=(0, 0), dilation=1, layout="OHWI") -> jax.Array:
@@ -1176,7 +1176,7 @@ def double(z: jax.Array) -> jax.Array:
     return jnp.repeat(jnp.repeat(z, 2, axis=-3), 2, axis=-2)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_nca_step() -> str:
     key = jax.random.PRNGKey(0)
     z = jax.random.normal(key, (6, 4, 5))
@@ -1338,7 +1338,7 @@ assert count_parameters(update_shapes) == 1_182_208
 show_markdown(markdown_table(["model", "parameters (ours, paper sizes)", "paper / replication",
                                  f"this run (`{config.preset}`)"], rows))
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_models(images: np.ndarray) -> str:
     """Shapes and finiteness of all three models; grow_for runs exactly T steps for a traced T; the
     NCA decoders give the same logits for a batch of states as for one image's."""
@@ -1451,7 +1451,7 @@ def iwelbo(model: VAE, x: jax.Array, key: jax.Array, n_samples: int, chunk: int)
     return jax.nn.logsumexp(log_w) - math.log(n_samples)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_objective(images: np.ndarray) -> str:
     """On an untrained baseline (the hardest case for the bound's variance): IWELBO-64 >= ELBO, and
     IWELBO-1, an unbiased single-sample ELBO, matches the analytic-KL ELBO up to noise; extreme
@@ -1638,7 +1638,7 @@ def make_batch_loss(settings: StepSettings) -> Callable:
     return make_plain_loss(decode_whole_batch)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_micro_batches(images: np.ndarray) -> str:
     """Decoding in micro-batches gives the same loss and gradient as the whole batch, and the batch
     loss is minus the mean of each image's `elbo`. A small encoder stands in: this is about slicing."""
@@ -1671,7 +1671,7 @@ with jax.default_matmul_precision("float32"):  # TPUs multiply float32 in bfloat
     print(check_micro_batches(train_images))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_pool() -> str:
     pool = jax.tree.map(jnp.asarray, empty_pool(6, 3, grid=4))
     x, new = jnp.ones((4, 1, 4, 4)), jnp.full((4, 4, 4, 3), 7.0)
@@ -1763,7 +1763,7 @@ def train_step_for(settings: StepSettings):
     return make_train_step(settings)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_step_keys() -> str:
     """Every key a step draws from is its own: no device reuses another step's shared key."""
     train_key = jax.random.PRNGKey(0)
@@ -1961,7 +1961,7 @@ def load_snapshot(path: Path, like: VAE) -> VAE:
         return eqx.tree_deserialise_leaves(file, like)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_checkpoints_survive_kills() -> str:
     """Kill the save before each of its file operations (opening a file to write, through io.open as
     pathlib does, and renaming): the checkpoint that loads afterwards must always have the step of
@@ -2138,7 +2138,7 @@ def train(name: str, config: Config, train_on_devices: jax.Array, mesh: Mesh, lo
     return to_host(model, opt_state, pool, step, history)
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_listener_and_resume(train_on_devices: jax.Array, mesh: Mesh, micro_batch: tuple[int, int]) -> str:
     """The compile clock counts each compile event once, however often its cell runs; an interrupted
     run resumes and ends exactly where an uninterrupted one ends; another run's checkpoint is refused."""
@@ -2265,7 +2265,7 @@ else:
     print("pre-flight skipped (VNCA_ESTIMATE=0)")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_one_compile(train_on_devices: jax.Array, test_on_devices: jax.Array, mesh: Mesh, config: Config) -> str:
     """The pre-flight compiles each training program once, and training then compiles nothing new."""
     clock = compile_clock()
@@ -2379,7 +2379,7 @@ else:
     print("memory plan not made in this run (VNCA_MEMORY_PLAN=1 makes it); appendix A shows the last one saved")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_memory_plan(plan: dict | None) -> str:
     """Every `full` program fits the budget in every layout; the analysis counts what it should."""
     if plan is None:
@@ -2419,7 +2419,7 @@ if config.stop_after_estimate:
              f"{config.data_dir / 'estimate.json'}; nothing is trained. Unset VNCA_MODE to run the notebook.")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_stop() -> str:
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -2505,7 +2505,7 @@ classifier, classifier_accuracy, held_out = train_classifier(test_images_all, te
 print(f"digit classifier: {classifier_accuracy:.1%} correct on the {len(held_out):,} held-out test digits")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_classifier(classifier: DigitClassifier, accuracy: float, held_out: np.ndarray, n_images: int,
                      steps: int) -> str:
     """The held-out half is half of the test split, without repeats; the classifier learned; scoring
@@ -2592,7 +2592,7 @@ if config.preset == "sweep":  # every 10th held-out digit: 500 of them, every cl
     stop_run(f"VNCA_MODE=sweep: the sweep is in {config.data_dir / 'sweep.json'}; nothing else is trained.")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_sweep(train_on_devices: jax.Array, mesh: Mesh) -> str:
     """The sweep trains for about the time it is given, in two parts, and scores both."""
     [row] = sweep(PRESETS["smoke"], [(8, 8)], 6.0, classifier, test_images_all[held_out[::250]],
@@ -2707,7 +2707,7 @@ def decide_session(config: Config, flight: dict | None, done: dict[str, int], el
 
 show_markdown(decide_session(config, flight, done_steps(config, print), time.time() - process_state.started))
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_kaggle_session(splits: dict[str, np.ndarray], train_on_devices: jax.Array, mesh: Mesh) -> str:
     """A simulated Kaggle session: the environment marker set, the dataset and a previous version's
     checkpoint under a fake /kaggle/input. The data loads from there; training resumes from that
@@ -2817,7 +2817,7 @@ print("\n".join(f"{name:12s} s/step: pre-flight {t['predicted'] or float('nan'):
                 for name, t in step_seconds.items()))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_training(trained: dict[str, TrainState], config: Config) -> str:
     for name, state in trained.items():
         assert state.step == config.model_settings()[name].steps
@@ -2950,7 +2950,7 @@ show_markdown(markdown_table(
       "after 100,000 steps at the paper's sizes.")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_evaluation(evaluation: dict, n_test: int) -> str:
     for name, r in evaluation.items():
         assert r["n_images"] == n_test and np.isfinite(r["per_image"]).all()
@@ -3024,7 +3024,7 @@ show_markdown(markdown_table(
       f"({time.perf_counter() - started:.0f} s). {claim2_sentence}")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_structure(structure: dict) -> str:
     for s in structure.values():
         assert 0.0 <= s["linear_accuracy"] <= 1.0 and len(s["knn"]) == len(TSNE_SETTINGS) == len(s["maps"])
@@ -3128,7 +3128,7 @@ show_markdown(markdown_table(["measurement", "this run", "replication"], [
     + f"\n\nNon-doubling VNCA, preset `{config.preset}` ({time.perf_counter() - started:.0f} s).")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_probe_and_recovery(probe_split, n_images: int, recovery_p: np.ndarray) -> str:
     assert not set(probe_split[0]) & set(probe_split[1]), "the probe's split must be by image"
     assert len(probe_split[0]) + len(probe_split[1]) == n_images
@@ -3196,7 +3196,7 @@ long_runs = {name: tuple(np.asarray(a) for a in run) for name, run in long_runs.
 show_markdown(stability_table(long_runs, config.t_test, DAMAGE_STEP))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_long_runs(long_runs: dict) -> str:
     for run in long_runs.values():
         assert all(np.isfinite(a).all() for a in run), "long runs must stay finite"
@@ -3303,7 +3303,7 @@ show_markdown(markdown_table(["measurement", *models], [
      + f"Preset `{config.preset}` ({time.perf_counter() - started:.0f} s).")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_recognition(recognition: dict, damage_rows: dict, trained: dict[str, TrainState]) -> str:
     """Shares are shares, the curve follows training, and the last damage time of the doubling VNCA
     (before the read-out) blanks exactly the right half: logit 0, probability 0.5."""
@@ -3714,7 +3714,7 @@ animations = {save_gif(side_by_side(frames), name, config): frames
 print("animations: " + ", ".join(str(path) for path in animations))
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_figures(animations: dict, growth: np.ndarray, config: Config) -> str:
     assert growth.shape[1] == 1 + (config.n_doublings + 1) * config.nca_steps_per_stage + config.n_doublings
     for gif, frames in animations.items():
@@ -3928,7 +3928,7 @@ show_markdown(markdown_table(["model", "forward GMAC/image", "s/step (batch)", "
                 f"per device ({jax.devices()[0].device_kind}).")
 
 
-# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+# %% jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"] _kg_hide-input=true
 def check_macs() -> str:
     full = PRESETS["full"]
     assert abs(forward_macs("doubling", 256, full) / 12.9e9 - 1) < 0.01, "about 12.9 GMAC per image"
