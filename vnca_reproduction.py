@@ -82,7 +82,7 @@ else:
 # %% [markdown]
 # ## 1. Setup
 #
-# On Kaggle or Colab the first (collapsed) cell installs what the image lacks, keeping its JAX (an
+# On Kaggle or Colab the collapsed setup cell installs what the image lacks, keeping its JAX (an
 # upgrade breaks a Kaggle TPU runtime) and choosing Equinox by it; offline, from attached wheels.
 # Elsewhere it does nothing. Then the imports, and the versions and devices this run sees.
 
@@ -949,7 +949,7 @@ checks(check_batch_indices)
 #
 # **Layers, built for the backend.** `Dense` is $x W^\top + b$ over the last axis (a linear layer,
 # or a 1x1 convolution). On a TPU or GPU, `Conv` and `UpConv` call `lax.conv_general_dilated`
-# (channels-last). On a CPU, where that convolution is about ten times slower (appendix A), they
+# (channels-last). On a CPU, where that convolution was 10x slower outside loops and 24x inside (appendix A), they
 # compute it as one matrix product over the $k^2$ shifted copies of the input ("im2col"); `UpConv`
 # gets a stride-2 transposed convolution's four output parities from one 3x3 product. Hidden checks
 # show both routes give the same outputs and gradients.
@@ -1287,7 +1287,7 @@ checks(check_nca_step)
 #
 # **Memory.** With `remat` (the `full` and `cpu` presets), each NCA step is a `jax.checkpoint` keeping only
 # its input state and its 3x3 perception for the backward pass, and each `grow_for` branch is one
-# too, since a cond keeps every branch's saved values, taken or not (appendix A).
+# too, since a cond keeps every branch's saved values, taken or not (a development measurement).
 #
 # All three decoders share one interface, `seed`, `grow(state, n_steps=None, damage=None)` (the
 # final state) and `logits`; the NCA decoders add `trajectory` (every step's state, one array per
@@ -1803,7 +1803,7 @@ checks(check_pool)
 # folds its index (posterior samples, damage, its pool's shuffle). Keys depend only on step and
 # device, so a resumed run, or one with another number of steps per call, draws the same numbers.
 #
-# **Optimiser.** `optax.chain(optax.clip_by_global_norm(10), optax.adam(1e-4))`: clip the
+# **Optimiser.** `optax.chain(optax.clip_by_global_norm(10), optax.adam(lr))`: clip the
 # *gradient*, then Adam, as the paper describes (the replication's code chained them the other
 # way round, clipping Adam's already normalised update, which almost never acts). `optax.flatten`
 # runs it on one flat vector, which compiles faster.
@@ -2301,8 +2301,9 @@ checks(check_listener_and_resume, train_on_devices, mesh, config.micro_batch)
 # %% [markdown]
 # ### Run machinery: cost, memory, sessions
 #
-# Three pieces of plumbing (collapsed) decide whether a run starts. **Cost:** `preflight` trains each model for three calls through `train` itself, with the program training
-# then runs (same steps per call: training reuses its compilation). Its seconds per step, the
+# Three collapsed pieces: the pre-flight and the session check decide whether this session
+# trains; the memory plan reports whether a `full` run fits. **Cost:** `preflight` trains each
+# model for three calls through `train` itself, with the program training then runs (same steps per call: training reuses its compilation). Its seconds per step, the
 # median of the calls after the first, project the training and IWELBO time, from which the session
 # check below decides. `VNCA_MODE=estimate` does this for the `full` preset (8 images per device,
 # scaled to the paper's batch; 2 steps per call on a CPU), saves `data/estimate.json` and stops.
@@ -2515,7 +2516,7 @@ def check_memory_plan(plan: dict | None) -> str:
 checks(check_memory_plan, memory)
 
 # %% [markdown]
-# With `VNCA_MODE=estimate` the notebook stops here. Every stop of a run is one `end_run`: it
+# With `VNCA_MODE=estimate` the notebook stops here. Every planned stop is one `end_run` (errors still raise): it
 # prints why and what to do next, then every later cell does nothing (run as a script, it exits
 # with status 0), so a saved Kaggle version keeps its outputs without an error. The same stop
 # ends a session that cannot finish its work, or that leaves a model unfinished (below).
@@ -2559,7 +2560,7 @@ checks(check_end_run)
 # %% [markdown]
 # **Sessions.** A Kaggle session ends after 9 hours on a TPU and 12 on a GPU. From the pre-flight's seconds per
 # step and the steps left (from the newest matching checkpoint, here or under `/kaggle/input`),
-# the notebook projects this session's work. Over 90 % of what is left of the session, it stops
+# the notebook projects this session's work. Over what remains of 90 % of the session, it stops
 # before training and lists sessions that fit, as settings (README, "Kaggle").
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
@@ -2797,7 +2798,7 @@ def plot_losses(trained: dict[str, TrainState], config: Config) -> Path:
     loss.set(xlabel="optimiser step", ylabel="training loss = -ELBO (nats)", yscale="log",
              title=f"Training loss, preset '{config.preset}' (mean over each call's steps)")
     kl.set(xlabel="optimiser step", ylabel="KL term (nats)", yscale="log",
-           title="its KL term: near 0, the decoder ignores the latent")
+           title="The KL term (near 0: the decoder ignores the latent)")
     for ax in (loss, kl):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -2876,9 +2877,10 @@ figure_keys = {name: run_key(config.seed, f"figure: {name}") for name in FIGURE_
 #
 # Everything this run measured, in one place. First the instrument, a digit classifier (and, in
 # `VNCA_MODE=sweep` only, the sweep that uses it); then the test log-likelihood (claim 1), the
-# latent spaces (claim 2), what single cells know and whether damage heals (claim 3), and whether
-# grown digits are stable. Section 8 draws the same models; section 9 explains what goes beyond
-# the replication.
+# latent spaces (claim 2), what single cells know and whether damage heals (claim 3), whether
+# grown digits are stable, how recognisable they are, the findings written from all of it, and
+# where we differ. Section 8 draws the same models; section 9 explains what goes beyond the
+# replication.
 
 # %% [markdown]
 # ### A digit classifier, to measure recognisability
@@ -2972,8 +2974,8 @@ checks(check_classifier, classifier, classifier_accuracy, held_out, len(test_ima
 # runs here). In `VNCA_MODE=sweep` the models above have 0 steps; the sweep trains the doubling VNCA at each (latent,
 # batch) of `SWEEP_SETTINGS` for the same time (`sweep_seconds`, compiling included), scores its
 # reconstructions of 500 held-out digits at half and full time, saves `data/sweep.json` and stops
-# (table in appendix A). In any other mode the cell does nothing. In the committed sweep no setting's reconstructions were recognised above chance after
-# 6 min, so the training loss reached chose: latent 32 at batch 8, the lowest by 35 nats.
+# (table in appendix A). In any other mode the cell does nothing. After 6 min, recognition was
+# near chance for every setting in the committed sweep, so the training loss chose (table).
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 SWEEP_SETTINGS = [(latent, batch) for latent in (32, 64, 128) for batch in (8, 32)]  # (latent, batch)
@@ -3199,6 +3201,8 @@ checks(check_structure, structure)
 # square of cells set to zero, then 36 more steps; beside them the same samples grown 72 steps
 # without damage. The mean absolute difference of the pixel probabilities from the undamaged
 # digit, just after the damage and after the recovery, says how much of the damage healed.
+# These numbers test claim 3 only if the model draws the digits it is given: "Are the digits
+# recognisable?" measures that, and "What this run shows" says which.
 
 # %%
 def grown_cells(model: VAE, images: np.ndarray, steps: int) -> np.ndarray:
@@ -3368,7 +3372,7 @@ checks(check_long_runs, long_runs)
 # labels, also for the snapshots kept during training; (b) prior samples: how many classes they
 # cover, and the entropy of their class histogram (a confident classifier gives blobs a class too);
 # (c) whether the non-doubling VNCA's recovered digits keep their undamaged class; (d) the same for
-# damage during growth (paper Fig. 11: the right half of every cell state zeroed once), doubling
+# damage during growth (paper Fig. 11: every cell in the right half of the grid zeroed once), doubling
 # VNCA against baseline.
 
 # %%
@@ -3848,8 +3852,8 @@ plot_channels(models["doubling"], figure_keys["channels"], config)
 # %% [markdown]
 # ### Damage during growth (paper Fig. 11)
 #
-# Section 7's damage during growth, as the paper's Fig. 11: the right half of every cell state
-# zeroed once, for the doubling VNCA at $t = 0, 8, \dots, 32$ (the seed and each stage's start,
+# Section 7's damage during growth, as the paper's Fig. 11: every cell in the right half of the
+# grid zeroed once, for the doubling VNCA at $t = 0, 8, \dots, 32$ (the seed and each stage's start,
 # equal to "just before each doubling", which copies cells) or $t = 40$ (before the read-out), for
 # the baseline before each up-convolution or its last layer. Rows: six prior samples
 # (probabilities).
@@ -3984,7 +3988,7 @@ show_markdown(not_digits_caveat(recognition["nondoubling"]["reconstructions"]) +
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` has no reverse-mode gradient; the binary decomposition of $T$ under
 #   `lax.cond` gives a cost that follows $T$, but its memory followed $T_{max}$ until each branch
-#   became a `jax.checkpoint` (appendix A).
+#   became a `jax.checkpoint` (the memory plan, section 6).
 #
 # ## 11. References, links and licences
 #
@@ -4244,9 +4248,9 @@ else:
     print(f"No memory plan in {plan_path}: run with VNCA_MEMORY_PLAN=1 to make one.")
 
 # %% [markdown]
-# **This run, end to end**, and what the collapsed checks cost in it (`VNCA_CHECKS=0` skips them; on
-# 8 simulated CPU devices at the `smoke` preset they took the time given in the README). Last, the
-# costs join `data/results.json`.
+# **This run, end to end**, and what the collapsed checks cost in it: they compile small
+# `smoke`-sized programs, whatever the preset, so their cost barely grows with a `full` run;
+# `VNCA_CHECKS=0` skips them. Last, the costs join `data/results.json`.
 
 # %%
 results["notebook_seconds"], results["check_seconds"] = time.time() - process_state.started, checks.seconds
