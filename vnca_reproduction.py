@@ -44,7 +44,7 @@
 # run**: we had no TPU or GPU; its programs were compiled and fit a TPU core's or a 16 GB GPU's
 # memory (section 6). The committed run's key numbers follow.
 #
-# > **On Kaggle.** Choose a TPU or GPU and use *Save Version > Save & Run All (Commit)*: an
+# > **On Kaggle.** Choose a TPU or GPU; use *Save Version > Save & Run All (Commit)*: an
 # > interactive session stops when idle. Before training, a pre-flight (a few minutes) prints each
 # > model's seconds per step and the projected time, and stops with a plan of sessions if the run
 # > does not fit. Accelerator hours are a weekly quota. A stopped session keeps its outputs and
@@ -2301,12 +2301,11 @@ checks(check_listener_and_resume, train_on_devices, mesh, config.micro_batch)
 # %% [markdown]
 # ### Run machinery: cost, memory, sessions
 #
-# Three collapsed pieces: the pre-flight and the session check decide whether this session
-# trains; the memory plan reports whether a `full` run fits. **Cost:** `preflight` trains each
-# model for three calls through `train` itself, with the program training then runs (same steps per call: training reuses its compilation). Its seconds per step, the
-# median of the calls after the first, project the training and IWELBO time, from which the session
-# check below decides. `VNCA_MODE=estimate` does this for the `full` preset (8 images per device,
-# scaled to the paper's batch; 2 steps per call on a CPU), saves `data/estimate.json` and stops.
+# Collapsed: the pre-flight and the session check decide whether this session trains; the memory
+# plan reports whether a `full` run fits. **Cost:** `preflight` trains each model for three calls
+# through `train`, with training's own program (reused, not recompiled). Its seconds per step (the
+# median call after the first) project the training and IWELBO time. `VNCA_MODE=estimate` does
+# this for the `full` preset (8 images per device, scaled), saves `data/estimate.json` and stops.
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 def iwelbo_seconds_per_image(name: str, config: Config, test_on_devices: jax.Array, mesh: Mesh) -> float:
@@ -2561,7 +2560,7 @@ checks(check_end_run)
 # **Sessions.** A Kaggle session ends after 9 hours on a TPU and 12 on a GPU. From the pre-flight's seconds per
 # step and the steps left (from the newest matching checkpoint, here or under `/kaggle/input`),
 # the notebook projects this session's work. Over what remains of 90 % of the session, it stops
-# before training and lists sessions that fit, as settings (README, "Kaggle").
+# and lists sessions that fit, as settings (README, "Kaggle").
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 SESSION_MARGIN = 0.9  # use 90 % of the platform's session limit: set-up, figures and saving take the rest
@@ -3201,8 +3200,7 @@ checks(check_structure, structure)
 # square of cells set to zero, then 36 more steps; beside them the same samples grown 72 steps
 # without damage. The mean absolute difference of the pixel probabilities from the undamaged
 # digit, just after the damage and after the recovery, says how much of the damage healed.
-# These numbers test claim 3 only if the model draws the digits it is given: "Are the digits
-# recognisable?" measures that, and "What this run shows" says which.
+# They test claim 3 only if the model draws the digits it is given; "What this run shows" says.
 
 # %%
 def grown_cells(model: VAE, images: np.ndarray, steps: int) -> np.ndarray:
@@ -3980,11 +3978,11 @@ show_markdown(not_digits_caveat(recognition["nondoubling"]["reconstructions"]) +
 # recognisable digits first, not where each would end, and its IWELBO is a looser bound (fewer
 # samples). The `full` preset, the paper's settings, has been compiled, not run.
 #
-# **What was easy.** The architectures (the paper's parameter counts, exactly) and the objective.
+# **What was easy.** The architectures (the paper's exact parameter counts) and the objective.
 #
 # **What was difficult.**
-# - *Speed on CPU.* XLA:CPU's convolutions are slow at these shapes, inside `lax.scan` above all;
-#   one matrix product per convolution made the steps several times faster (appendix A).
+# - *Speed on CPU.* XLA:CPU's convolutions are slow inside `lax.scan`; one matrix product per
+#   convolution made the steps several times faster (appendix A).
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
 #   `lax.while_loop` has no reverse-mode gradient; the binary decomposition of $T$ under
 #   `lax.cond` gives a cost that follows $T$, but its memory followed $T_{max}$ until each branch
