@@ -57,16 +57,16 @@ from pathlib import Path
 
 def key_results_table(results: dict) -> str:
     """The headline numbers of a run's data/results.json, as a markdown table."""
-    recognition, k = results["recognition"]["models"], next(iter(results["models"].values()))["iw_samples"]
+    recognition, first = results["recognition"]["models"], next(iter(results["models"].values()))
     rows = [[name, f"**{m['iwelbo']:.2f}** ± {m['iwelbo_sem']:.2f}", f"{recognition[name]['reconstructions']:.1%}",
              f"{m['latent']}, {m['steps']:,} x {m['batch']}",
              *("—" if v is None else f"{v:.2f}" for v in (m["paper_iwelbo_128"], m["replication_iwelbo_128"]))]
             for name, m in results["models"].items()]
-    lines = [f"| model | IWELBO-{k}, this run | reconstructions recognised | latent, steps x batch | paper IWELBO-128 "
+    lines = [f"| model | IWELBO-{first['iw_samples']}, this run | reconstructions recognised | latent, steps x batch | paper IWELBO-128 "
              "| replication IWELBO-128 |", "|---|---|---|---|---|---|"] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     return "\n".join(lines) + (
         f"\n\nPreset `{results['preset']}` ({results['devices']}), IWELBO on "
-        f"{next(iter(results['models'].values()))['test_images']:,} test images, nats (higher is better). Recognised: a "
+        f"{first['test_images']:,} test images, nats (higher is better). Recognised: a "
         f"digit classifier (ceiling {results['classifier_accuracy']:.1%}) gives the true label to the reconstruction "
         "of a held-out test digit; the paper's numbers are at its full settings.")
 
