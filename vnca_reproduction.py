@@ -298,6 +298,16 @@ class ModelSettings:
     latent: int  # |Z|: latent size, and the number of channels of each NCA cell
     batch: int  # global batch size (all devices together)
     steps: int  # optimiser steps
+    learning_rate: float = 1e-4
+    clip_norm: float = 10.0  # the gradient's global norm is clipped to this before Adam
+    hidden: int = 0  # NCA decoders: the update network's hidden width (0: the latent size, as in the paper)
+    kl_warmup: int = 0  # the KL term's weight rises linearly from 0 to 1 over these first steps (0: 1 throughout)
+    pool_from: int = 0  # non-doubling: the step from which half of each batch comes from the pool
+
+    def extras(self) -> dict:
+        """The settings added for the non-doubling pilots (appendix A), where they differ from the paper's."""
+        return {key: value for key, value in (("hidden", self.hidden), ("kl_warmup", self.kl_warmup),
+                                              ("pool_from", self.pool_from)) if value}
 
 
 @dataclass(frozen=True)
@@ -315,8 +325,6 @@ class Config:
     t_max: int = 64
     t_test: int = 36
     pool_size: int = 1024
-    learning_rate: float = 1e-4
-    clip_norm: float = 10.0
     inner_steps: int = 125  # optimiser steps per pmap call (a lax.scan inside the step)
     remat: bool = True  # jax.checkpoint each NCA step (memory for compute)
     # the doubling model grows its stages up to 16x16 micro_batch[0] images at a time and its 32x32
@@ -343,6 +351,7 @@ class Config:
     resume_dirs: tuple[str, ...] = ()  # where earlier sessions' checkpoints may be attached (Kaggle: /kaggle/input)
     classifier_steps: int = 1_000  # training steps of the digit classifier that scores recognisability
     sweep_seconds: float = 360.0  # VNCA_MODE=sweep: training time per setting
+    pilot_seconds: float = 900.0  # VNCA_MODE=pilots: training time per non-doubling pilot
     snapshot_every: int = 10_000  # keep the model every this many steps, for the recognisability curve (0: never)
     recognition_samples: int = 1_000  # prior samples (and their damaged versions) scored by the classifier (section 7)
 
@@ -399,10 +408,10 @@ PRESETS = {
     "cpu": Config(
         preset="cpu",
         # one setting for all three models, chosen by the sweep (section 7): latent 32, batch 8, the same steps
-        baseline=ModelSettings(latent=32, batch=8, steps=5_000),
-        doubling=ModelSettings(latent=32, batch=8, steps=5_000),
-        nondoubling=ModelSettings(latent=32, batch=8, steps=5_000),
-        learning_rate=3e-4, pool_size=256, inner_steps=25, snapshot_every=250, checkpoint_every_s=300.0,
+        baseline=ModelSettings(latent=32, batch=8, steps=5_000, learning_rate=3e-4),
+        doubling=ModelSettings(latent=32, batch=8, steps=5_000, learning_rate=3e-4),
+        nondoubling=ModelSettings(latent=32, batch=8, steps=5_000, learning_rate=3e-4),
+        pool_size=256, inner_steps=25, snapshot_every=250, checkpoint_every_s=300.0,
         micro_batch_cpu=(0, 0),  # at batch 8 the whole batch is faster (appendix A)
         n_test=512, iw_samples=32, iw_chunk=32, eval_batch=16, tsne_points=2_000,  # evaluation
         out_dir=".", memory_plan=True,
@@ -421,7 +430,10 @@ PRESETS = {
 }
 PRESETS["estimate"] = dataclasses.replace(PRESETS["cpu"], preset="estimate", stop_after_estimate=True)
 PRESETS["sweep"] = dataclasses.replace(  # trains only the sweep (section 7), at the rate the committed sweep ran at
-    PRESETS["cpu"], preset="sweep", memory_plan=False, run_preflight=False, learning_rate=1e-4,
+    PRESETS["cpu"], preset="sweep", memory_plan=False, run_preflight=False,
+    **{name: dataclasses.replace(PRESETS["cpu"].settings(name), steps=0, learning_rate=1e-4) for name in MODEL_NAMES})
+PRESETS["pilots"] = dataclasses.replace(  # trains only the non-doubling pilots (section 7)
+    PRESETS["sweep"], preset="pilots",
     **{name: dataclasses.replace(PRESETS["cpu"].settings(name), steps=0) for name in MODEL_NAMES})
 
 ENV_OVERRIDES = {  # environment variable -> Config field
@@ -1223,12 +1235,13 @@ class UpdateNet(eqx.Module):
     out: Dense
     elu_after_perceive: bool = eqx.field(static=True)
 
-    def __init__(self, latent: int, n_blocks: int, elu_after_perceive: bool, *, key: jax.Array, native: bool = False):
-        keys = jax.random.split(key, 2 + 2 * n_blocks)
-        self.perceive = Conv(latent, latent, 3, key=keys[0], padding=1, native=native)
-        self.blocks = [(Dense(latent, latent, key=keys[2 + 2 * i]), Dense(latent, latent, key=keys[3 + 2 * i]))
+    def __init__(self, latent: int, n_blocks: int, elu_after_perceive: bool, *, key: jax.Array, native: bool = False,
+                 hidden: int = 0):
+        keys, hidden = jax.random.split(key, 2 + 2 * n_blocks), hidden or latent
+        self.perceive = Conv(latent, hidden, 3, key=keys[0], padding=1, native=native)
+        self.blocks = [(Dense(hidden, hidden, key=keys[2 + 2 * i]), Dense(hidden, hidden, key=keys[3 + 2 * i]))
                        for i in range(n_blocks)]
-        self.out = Dense(latent, latent, key=keys[1], zero=True)
+        self.out = Dense(hidden, latent, key=keys[1], zero=True)
         self.elu_after_perceive = elu_after_perceive
 
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -1312,8 +1325,8 @@ class DoublingDecoder(NCADecoder):
     remat: bool = eqx.field(static=True)
 
     def __init__(self, latent: int, steps_per_stage: int, n_doublings: int, remat: bool, *, key: jax.Array,
-                 native: bool = False):
-        self.update = UpdateNet(latent, n_blocks=4, elu_after_perceive=False, key=key, native=native)
+                 native: bool = False, hidden: int = 0):
+        self.update = UpdateNet(latent, n_blocks=4, elu_after_perceive=False, key=key, native=native, hidden=hidden)
         self.steps_per_stage, self.n_doublings, self.remat = steps_per_stage, n_doublings, remat
 
     def seed(self, z: jax.Array) -> jax.Array:
@@ -1355,8 +1368,8 @@ class NonDoublingDecoder(NCADecoder):
     remat: bool = eqx.field(static=True)
 
     def __init__(self, latent: int, t_test: int, remat: bool, *, key: jax.Array, size: int = 32,
-                 native: bool = False):
-        self.update = UpdateNet(latent, n_blocks=0, elu_after_perceive=True, key=key, native=native)
+                 native: bool = False, hidden: int = 0):
+        self.update = UpdateNet(latent, n_blocks=0, elu_after_perceive=True, key=key, native=native, hidden=hidden)
         self.size, self.t_test, self.remat = size, t_test, remat
 
     def seed(self, z: jax.Array) -> jax.Array:
@@ -1390,14 +1403,16 @@ class VAE(eqx.Module):
     decoder: BaselineDecoder | DoublingDecoder | NonDoublingDecoder
 
 
-def make_model(name: str, latent: int, config: Config, key: jax.Array) -> VAE:
+def make_model(name: str, latent: int, config: Config, key: jax.Array, hidden: int = 0) -> VAE:
+    """`name`'s VAE with `latent` channels; `hidden`: its update network's hidden width (NCA decoders; 0: latent)."""
     k_enc, k_dec = jax.random.split(key)
     native = config.native_convs
     decoder = {
         "baseline": lambda: BaselineDecoder(latent, key=k_dec, native=native),
         "doubling": lambda: DoublingDecoder(latent, config.nca_steps_per_stage, config.n_doublings,
-                                            config.remat, key=k_dec, native=native),
-        "nondoubling": lambda: NonDoublingDecoder(latent, config.t_test, config.remat, key=k_dec, native=native),
+                                            config.remat, key=k_dec, native=native, hidden=hidden),
+        "nondoubling": lambda: NonDoublingDecoder(latent, config.t_test, config.remat, key=k_dec, native=native,
+                                                  hidden=hidden),
     }[name]()
     return VAE(Encoder(latent, key=k_enc, native=native), decoder)
 
@@ -1419,9 +1434,10 @@ rows = []
 for name in PAPER_PARAMETERS:
     shapes = eqx.filter_eval_shape(make_model, name, PAPER_LATENT[name], paper_config, jax.random.PRNGKey(0))
     n_paper = count_parameters(shapes)
-    n_here = count_parameters(eqx.filter_eval_shape(
-        make_model, name, config.settings(name).latent, config, jax.random.PRNGKey(0)))
-    rows.append([name, f"{n_paper:,}", f"{PAPER_PARAMETERS[name]:,}", f"{n_here:,} (latent {config.settings(name).latent})"])
+    here = config.settings(name)
+    n_here = count_parameters(eqx.filter_eval_shape(make_model, name, here.latent, config, jax.random.PRNGKey(0), here.hidden))
+    rows.append([name, f"{n_paper:,}", f"{PAPER_PARAMETERS[name]:,}",
+                 f"{n_here:,} (latent {here.latent}" + (f", hidden {here.hidden})" if here.hidden else ")")])
     assert n_paper == PAPER_PARAMETERS[name], f"{name}: {n_paper:,} parameters, the paper has {PAPER_PARAMETERS[name]:,}"
 update_shapes = eqx.filter_eval_shape(make_model, "doubling", 256, paper_config, jax.random.PRNGKey(0)).decoder.update
 assert count_parameters(update_shapes) == 1_182_208
@@ -1622,10 +1638,11 @@ def refresh_pool(pool: Pool, n_taken: int, x_new: jax.Array, state_new: jax.Arra
     return jax.tree.map(lambda a: a[order[:size]], candidates)
 
 
-def pool_batch(pool: Pool, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Take the second half of the batch from the pool where filled: (images, start states, taken)."""
+def pool_batch(pool: Pool, x: jax.Array, key: jax.Array, use: jax.Array | bool = True
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Take the second half of the batch from the pool where filled (and `use`): (images, start states, taken)."""
     half = len(x) // 2
-    taken = pool.valid[:half]
+    taken = pool.valid[:half] & use
     damaged = jax.vmap(damage_square)(jax.random.split(key, half), pool.state[:half])
     states = jnp.where((jnp.arange(half) < half // 2)[:, None, None, None], damaged, pool.state[:half])
     x = x.at[half:].set(jnp.where(taken[:, None, None, None], pool.x[:half], x[half:]))
@@ -1683,7 +1700,7 @@ def decode_in_micro_batches(decoder: DoublingDecoder, z: jax.Array, micro_batch:
 
 def make_plain_loss(decode: Callable[[eqx.Module, jax.Array], jax.Array]):
     """Minus the mean ELBO of a batch: encoded at once, then decoded by `decode(decoder, z)`."""
-    def plain_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool):
+    def plain_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool, step: jax.Array = 0):
         z, mean, logvar = encode_and_sample(model, x, jax.random.split(key, len(x)))
         elbos, kl = jax.vmap(elbo_terms)(x, decode(model.decoder, z), mean, logvar)
         return -elbos.mean(), (kl.mean(), pool)
@@ -1695,11 +1712,11 @@ def drawn_steps(shared_key: jax.Array, t_min: int, t_max: int) -> jax.Array:
     return jax.random.randint(jax.random.fold_in(shared_key, 1), (), t_min, t_max + 1)
 
 
-def make_pool_loss(t_min: int, t_max: int):
-    def pool_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool: Pool):
+def make_pool_loss(t_min: int, t_max: int, pool_from: int = 0):
+    def pool_loss(model: VAE, x: jax.Array, key: jax.Array, shared_key: jax.Array, pool: Pool, step: jax.Array = 0):
         k_z, k_damage, k_pool = jax.random.split(key, 3)
         n_steps = drawn_steps(shared_key, t_min, t_max)
-        x, pool_states, taken = pool_batch(pool, x, k_damage)
+        x, pool_states, taken = pool_batch(pool, x, k_damage, use=step >= pool_from)
         mean, logvar = jax.vmap(model.encoder)(x)
         seeds = model.decoder.seed(sample_posterior(k_z, mean, logvar))
         seeds = start_from_pool(seeds, pool_states, taken)
@@ -1716,19 +1733,22 @@ class StepSettings:
     model: str
     learning_rate: float
     clip_norm: float
+    kl_warmup: int = 0  # the KL weight rises from 0 to 1 over these first steps
+    pool_from: int = 0  # non-doubling: no batch takes from the pool before this step
     t_range: tuple[int, int] | None = None  # non-doubling: T drawn from [t_min, t_max]
     micro_batch: tuple[int, int] = (0, 0)  # doubling: images per slice of its early / last stages
 
     @classmethod
     def of(cls, name: str, config: Config) -> "StepSettings":
-        return cls(name, config.learning_rate, config.clip_norm,
+        settings = config.settings(name)
+        return cls(name, settings.learning_rate, settings.clip_norm, settings.kl_warmup, settings.pool_from,
                    t_range=(config.t_min, config.t_max) if name == "nondoubling" else None,
                    micro_batch=config.micro_batch if name == "doubling" else (0, 0))
 
 
 def make_batch_loss(settings: StepSettings) -> Callable:
     if settings.model == "nondoubling":
-        return make_pool_loss(*settings.t_range)
+        return make_pool_loss(*settings.t_range, pool_from=settings.pool_from)
     if settings.model == "doubling":
         return make_plain_loss(functools.partial(decode_in_micro_batches, micro_batch=settings.micro_batch))
     return make_plain_loss(decode_whole_batch)
@@ -1783,6 +1803,7 @@ def check_pool() -> str:
     zeroed = (starts[2:] == 0).all(axis=-1).sum(axis=(1, 2))
     assert zeroed[0] == 4 and zeroed[1] == 0 and (starts[:2] == 1).all(), "half of the pool half is damaged"
     assert (starts[3] == 7).all(), "undamaged pool states come back unchanged"
+    assert not pool_batch(pool, x * 2, jax.random.PRNGKey(2), use=False)[2].any(), "before pool_from nothing is taken"
     assert int((damage_square(jax.random.PRNGKey(5), jnp.ones((32, 32, 2))) == 0).all(-1).sum()) == 256
     return "pool: fills, mixes half the batch, damages half of that, refreshes"
 
@@ -1813,6 +1834,11 @@ def make_optimizer(settings: StepSettings) -> optax.GradientTransformation:
     return optax.flatten(optax.chain(optax.clip_by_global_norm(settings.clip_norm), optax.adam(settings.learning_rate)))
 
 
+def kl_weight(step: jax.Array, warmup: int) -> jax.Array:
+    """The KL term's weight at `step`: rising linearly from 0 to 1 over `warmup` steps, then 1."""
+    return jnp.minimum(1.0, step / warmup) if warmup else jnp.ones(())
+
+
 def step_keys(train_key: jax.Array, step: jax.Array, device: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(per-device key, shared key) of optimiser step `step` on device `device`."""
     shared, per_device = jax.random.split(jax.random.fold_in(train_key, step))
@@ -1823,6 +1849,11 @@ def make_train_call(settings: StepSettings, axis_name: str = "devices") -> Calla
     """One device's part of a training call: len(indices) optimiser steps under a lax.scan."""
     batch_loss, optimizer = make_batch_loss(settings), make_optimizer(settings)
 
+    def objective(model, x, device_key, shared_key, pool, step):
+        """Reconstruction + weight * KL: minus the ELBO once the warm-up is over; also the ELBO's terms."""
+        loss, (kl, pool) = batch_loss(model, x, device_key, shared_key, pool, step)
+        return loss - (1.0 - kl_weight(step, settings.kl_warmup)) * kl, (loss, kl, pool)
+
     def train_call(model, opt_state, pool, train_images, indices, train_key, first_step):
         device = lax.axis_index(axis_name)
 
@@ -1830,8 +1861,8 @@ def make_train_call(settings: StepSettings, axis_name: str = "devices") -> Calla
             model, opt_state, pool = carry
             batch_index, i = inputs
             device_key, shared_key = step_keys(train_key, first_step + i, device)
-            (loss, (kl, pool)), grads = eqx.filter_value_and_grad(batch_loss, has_aux=True)(
-                model, train_images[batch_index], device_key, shared_key, pool)
+            (_, (loss, kl, pool)), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
+                model, train_images[batch_index], device_key, shared_key, pool, first_step + i)
             grads = lax.pmean(grads, axis_name)
             updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
             model = eqx.apply_updates(model, updates)
@@ -1947,12 +1978,14 @@ CHECKPOINT_MAGIC = b"VNCA checkpoint 4\n"  # 4: one file, header + leaves; step 
 
 
 def fingerprint(name: str, config: Config) -> dict:
+    """What a checkpoint must have been trained with to be resumed (the pilots' extras only where set)."""
     settings = config.settings(name)
     return {"model": name, "preset": config.preset, "latent": settings.latent, "batch": settings.batch,
-            "learning_rate": config.learning_rate, "clip_norm": config.clip_norm, "seed": config.seed,
+            "learning_rate": settings.learning_rate, "clip_norm": settings.clip_norm, "seed": config.seed,
             "n_train": config.n_train, "pool_size": config.pool_size if name == "nondoubling" else 0,
             "t_range": [config.t_min, config.t_max] if name == "nondoubling" else None,
-            "nca": [config.nca_steps_per_stage, config.n_doublings] if name == "doubling" else None}
+            "nca": [config.nca_steps_per_stage, config.n_doublings] if name == "doubling" else None,
+            **settings.extras()}
 
 
 def write_atomically(path: Path, write: Callable) -> None:
@@ -2163,7 +2196,7 @@ def compile_clock() -> CompileClock:
 
 def fresh_state(name: str, config: Config, init_key: jax.Array) -> TrainState:
     settings = config.settings(name)
-    model = make_model(name, settings.latent, config, init_key)
+    model = make_model(name, settings.latent, config, init_key, settings.hidden)
     opt_state = make_optimizer(StepSettings.of(name, config)).init(eqx.filter(model, eqx.is_array))
     pool = empty_pool(config.pool_size, settings.latent) if name == "nondoubling" else ()
     return TrainState(model, opt_state, pool, 0, [])
@@ -2311,7 +2344,8 @@ checks(check_listener_and_resume, train_on_devices, mesh, config.micro_batch)
 def iwelbo_seconds_per_image(name: str, config: Config, test_on_devices: jax.Array, mesh: Mesh) -> float:
     """Seconds per test image of the IWELBO with config.iw_samples samples, timed on one chunk of
     samples of one image per device (the decoder, run once per sample, is almost all of the cost)."""
-    model = replicate(make_model(name, config.settings(name).latent, config, run_key(config.seed, "init")), mesh)
+    settings = config.settings(name)
+    model = replicate(make_model(name, settings.latent, config, run_key(config.seed, "init"), settings.hidden), mesh)
     chunk = min(config.iw_chunk, config.iw_samples)
     evaluator = make_evaluator(chunk, chunk, 1)
     key = run_key(config.seed, "evaluation")
@@ -2980,27 +3014,43 @@ checks(check_classifier, classifier, classifier_accuracy, held_out, len(test_ima
 SWEEP_SETTINGS = [(latent, batch) for latent in (32, 64, 128) for batch in (8, 32)]  # (latent, batch)
 
 
+def timed_trial(name: str, run: Config, seconds: float, classifier: DigitClassifier, images: np.ndarray,
+                labels: np.ndarray, train_on_devices: jax.Array, mesh: Mesh, key: jax.Array) -> tuple[list[dict], TrainState]:
+    """Train `name` from scratch under `run` for `seconds` of training wall time (compiling included), in
+    a scratch directory; at half and full time, its loss and KL (means of the last 100 steps) and the share of
+    its reconstructions of `images` the classifier recognises."""
+    points, trained_s = [], 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        run = dataclasses.replace(run, out_dir=scratch, progress_every_s=1e9, checkpoint_every_s=1e9,
+                                  **{name: dataclasses.replace(run.settings(name), steps=10 ** 9)})
+        for fraction in (0.5, 1.0):
+            state = train(name, run, train_on_devices, mesh, log=lambda line: None,
+                          deadline=time.time() + fraction * seconds - trained_s)
+            trained_s = sum(c.seconds for c in state.history)
+            last = [c for c in state.history if c.step > state.step - 100]
+            points.append({"seconds": trained_s, "steps": state.step, "loss": float(np.mean([c.loss for c in last])),
+                           "kl": float(np.mean([c.kl for c in last])),
+                           "agreement": agreement(classifier, reconstructions(state.model, images, key), labels)})
+    return points, state
+
+
+def trial_line(point: dict) -> str:
+    return (f"{point['steps']:6,d} steps in {point['seconds'] / 60:4.1f} min: loss {point['loss']:7.2f}, KL {point['kl']:6.2f}, "
+            f"reconstructions recognised {point['agreement']:.1%}")
+
+
 def sweep(config: Config, settings: list[tuple[int, int]], seconds: float, classifier: DigitClassifier,
           images: np.ndarray, labels: np.ndarray, train_on_devices: jax.Array, mesh: Mesh,
           log: Callable = print) -> list[dict]:
     """Per (latent, batch): train the doubling VNCA for `seconds` of training wall time and score its
     reconstructions at half and full time."""
-    rows, key = [], run_key(config.seed, "sweep")
+    rows = []
     for latent, batch in settings:
-        with tempfile.TemporaryDirectory() as scratch:
-            run = dataclasses.replace(config, out_dir=scratch, inner_steps=2, progress_every_s=1e9, checkpoint_every_s=1e9,
-                                      doubling=ModelSettings(latent=latent, batch=batch, steps=10 ** 9))
-            row, trained_s = {"latent": latent, "batch": batch, "points": []}, 0.0
-            for fraction in (0.5, 1.0):
-                state = train("doubling", run, train_on_devices, mesh, log=lambda line: None,
-                              deadline=time.time() + fraction * seconds - trained_s)
-                trained_s = sum(c.seconds for c in state.history)
-                row["points"].append({"seconds": trained_s, "steps": state.step,
-                                      "loss": state.history[-1].loss,
-                                      "agreement": agreement(classifier, reconstructions(state.model, images, key), labels)})
-                log(f"latent {latent:4d} batch {batch:3d}: {state.step:5,d} steps in {row['points'][-1]['seconds']:5.0f} s, "
-                    f"loss {state.history[-1].loss:7.2f}, reconstructions recognised {row['points'][-1]['agreement']:.1%}")
-            rows.append(row)
+        run = dataclasses.replace(config, inner_steps=2, doubling=dataclasses.replace(config.doubling, latent=latent, batch=batch))
+        points, _ = timed_trial("doubling", run, seconds, classifier, images, labels, train_on_devices, mesh,
+                                run_key(config.seed, "sweep"))
+        rows.append({"latent": latent, "batch": batch, "points": points})
+        log(f"latent {latent:4d} batch {batch:3d}: {trial_line(points[-1])}")
     return rows
 
 
@@ -3018,11 +3068,80 @@ if config.preset == "sweep":  # every 10th held-out digit: 500 of them, every cl
     sweep_rows = sweep(config, SWEEP_SETTINGS, config.sweep_seconds, classifier, test_images_all[held_out[::10]],
                        test_labels_all[held_out[::10]], train_on_devices, mesh)
     sweep_result = {"rows": sweep_rows, "seconds": config.sweep_seconds, "n_images": 500, "ceiling": classifier_accuracy,
-                    "learning_rate": config.learning_rate, "devices": f"{n_devices} x {jax.devices()[0].device_kind}",
+                    "learning_rate": config.doubling.learning_rate, "devices": f"{n_devices} x {jax.devices()[0].device_kind}",
                     "date": time.strftime("%Y-%m-%d %H:%M")}
     write_json(config.data_dir / "sweep.json", sweep_result)
     show_markdown(sweep_table(sweep_result))
     end_run(f"VNCA_MODE=sweep: the sweep is in {config.data_dir / 'sweep.json'}; nothing else is trained.")
+
+
+# %% [markdown]
+# **Run machinery: the non-doubling pilots** (collapsed). In `VNCA_MODE=pilots` the cell trains the
+# non-doubling VNCA from scratch under each setting of `PILOTS` for the same time (`pilot_seconds`),
+# each a change to the shared `cpu` setting (latent 32, batch 8, learning rate $3 \cdot 10^{-4}$, clip 10,
+# pool 256), scores it like the sweep and adds it to `data/pilots.json` at once; pilots already there
+# are not run again, so an interrupted run loses at most the pilot in progress. Table and curves:
+# appendix A. In any other mode the cell does nothing.
+
+# %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
+NEVER = 10 ** 9  # pool_from: the pool and its damage are never used
+PILOTS = {  # name -> (what it changes, as ModelSettings fields of the non-doubling model or pool_size)
+    "cpu setting": {},
+    "KL warm-up over 1,000 steps": {"kl_warmup": 1_000},
+    "pool and damage off": {"pool_from": NEVER},
+    "lr 1e-4, clip 1": {"learning_rate": 1e-4, "clip_norm": 1.0},
+    "update network 128 wide": {"hidden": 128},
+    "pool 64": {"pool_size": 64},
+    "pool from step 1,000": {"pool_from": 1_000},
+}
+
+
+def pilot_config(config: Config, changes: dict) -> Config:
+    """The non-doubling model at the shared setting (the doubling model's: latent, batch, learning rate, clip), with `changes`."""
+    settings = dataclasses.replace(config.doubling, **{k: v for k, v in changes.items() if k != "pool_size"})
+    return dataclasses.replace(config, nondoubling=settings, pool_size=changes.get("pool_size", config.pool_size))
+
+
+def run_pilots(config: Config, pilots: dict[str, dict], done: list[dict], classifier: DigitClassifier, images: np.ndarray,
+               labels: np.ndarray, train_on_devices: jax.Array, mesh: Mesh, save: Callable[[list[dict]], None],
+               log: Callable = print) -> list[dict]:
+    """Each pilot not yet in `done` (same name, changes and time), trained for pilot_seconds and scored; `save`
+    receives all rows after each pilot."""
+    rows = list(done)
+    for name, changes in pilots.items():
+        if any(r["name"] == name and r["changes"] == changes and r["seconds"] == config.pilot_seconds for r in rows):
+            continue
+        points, state = timed_trial("nondoubling", pilot_config(config, changes), config.pilot_seconds, classifier,
+                                    images, labels, train_on_devices, mesh, run_key(config.seed, "pilots"))
+        minutes = np.cumsum([c.seconds for c in state.history]) / 60
+        rows.append({"name": name, "changes": changes, "seconds": config.pilot_seconds, "points": points,
+                     "curve": [[c.step, round(float(m), 3), c.loss, c.kl] for c, m in zip(state.history, minutes)],
+                     "date": time.strftime("%Y-%m-%d %H:%M")})
+        save(rows)
+        log(f"{name:32s} {trial_line(points[-1])}")
+    return rows
+
+
+def pilot_table(result: dict) -> str:
+    rows = [[r["name"], f"{r['points'][-1]['steps']:,}", f"{r['points'][-1]['seconds'] / 60:.1f}",
+             f"{r['points'][-1]['loss']:.1f}", f"{r['points'][-1]['kl']:.1f}",
+             " -> ".join(percent(p["agreement"]) for p in r["points"])] for r in result["rows"]]
+    return (markdown_table(["non-doubling setting", "steps", "minutes", "loss", "KL", "recognised (half -> full time)"], rows)
+            + f"\n\nEach from scratch for {result['seconds'] / 60:.0f} min of training; loss and KL: means over the last "
+              f"100 steps; recognised: reconstructions of {result['n_images']} held-out test digits (the classifier's ceiling "
+              f"{percent(result['ceiling'])}); {result['devices']}.")
+
+
+if config.preset == "pilots":  # the sweep's 500 held-out digits
+    pilots_path = config.data_dir / "pilots.json"
+    pilots_result = {"seconds": config.pilot_seconds, "n_images": 500, "ceiling": classifier_accuracy,
+                     "devices": f"{n_devices} x {jax.devices()[0].device_kind}"}
+    pilots_result["rows"] = run_pilots(
+        config, PILOTS, json.loads(pilots_path.read_text())["rows"] if pilots_path.exists() else [], classifier,
+        test_images_all[held_out[::10]], test_labels_all[held_out[::10]], train_on_devices, mesh,
+        save=lambda rows: write_json(pilots_path, {**pilots_result, "rows": rows}))
+    show_markdown(pilot_table(pilots_result))
+    end_run(f"VNCA_MODE=pilots: the pilots are in {pilots_path}; nothing else is trained.")
 
 
 # %% _kg_hide-input=true jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
@@ -3041,6 +3160,34 @@ def check_sweep(classifier: DigitClassifier, images: np.ndarray, labels: np.ndar
 
 
 checks(check_sweep, classifier, test_images_all[held_out[::250]], test_labels_all[held_out[::250]], train_on_devices, mesh)
+
+
+# %% _kg_hide-input=true jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_pilots(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, train_on_devices: jax.Array,
+                 mesh: Mesh) -> str:
+    """A pilot already saved is not run again; a new one is trained, scored and saved (in the smoke run's
+    data directory, where its appendix shows them); a pilot's changes reach the model and its step."""
+    smoke = dataclasses.replace(PRESETS["smoke"], pilot_seconds=4.0)
+    changed = pilot_config(smoke, {"hidden": 12, "kl_warmup": 2, "pool_from": 2, "pool_size": 16})
+    assert changed.pool_size == 16 and changed.nondoubling.latent == smoke.doubling.latent
+    assert fresh_state("nondoubling", changed, jax.random.PRNGKey(0)).model.decoder.update.perceive.weight.shape[0] == 12
+    assert StepSettings.of("nondoubling", changed).pool_from == 2 and StepSettings.of("nondoubling", changed).kl_warmup == 2
+    saved = {"name": "saved", "changes": {}, "seconds": 4.0}
+    written = []
+    rows = run_pilots(smoke, {"saved": {}, "new": {"kl_warmup": 2, "pool_from": 2}}, [saved], classifier, images,
+                      labels, train_on_devices, mesh, save=written.append, log=lambda line: None)
+    assert [r["name"] for r in rows] == ["saved", "new"] and len(written) == 1, "only the new pilot runs"
+    new = rows[-1]
+    assert new["points"][-1]["steps"] > 0 and len(new["curve"]) >= 1 and np.isfinite(new["points"][-1]["kl"])
+    result = {"rows": [new], "seconds": 4.0, "n_images": len(images), "ceiling": 1.0, "devices": "-"}
+    assert pilot_table(result).count("\n") >= 3
+    write_json(smoke.data_dir / "pilots.json", result)
+    assert [float(kl_weight(jnp.asarray(s), 4)) for s in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert float(kl_weight(jnp.asarray(3), 0)) == 1.0
+    return f"pilots: a saved pilot skipped, a new one trained {new['points'][-1]['steps']} steps and saved"
+
+
+checks(check_pilots, classifier, test_images_all[held_out[::250]], test_labels_all[held_out[::250]], train_on_devices, mesh)
 
 # %% [markdown]
 # ### Test log-likelihood
@@ -4232,6 +4379,32 @@ if sweep_path.exists():
     show_markdown(sweep_table(json.loads(sweep_path.read_text())))
 else:
     print(f"No sweep in {sweep_path}: run VNCA_MODE=sweep to make one.")
+
+# %% [markdown]
+# **The pilots that chose the non-doubling setting** (section 7; `VNCA_MODE=pilots`), the last ones
+# saved, with each pilot's loss and KL against training time.
+
+# %%
+def plot_pilots(result: dict, config: Config) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for row in result["rows"]:
+        curve = np.asarray(row["curve"])
+        for ax, column in zip(axes, (2, 3)):
+            ax.plot(curve[:, 1], curve[:, column], lw=1, label=row["name"])
+    for ax, label in zip(axes, ("minus the ELBO (nats)", "KL term (nats)")):
+        ax.set(xlabel="training minutes", ylabel=label)
+    axes[0].set_ylim(top=300)
+    axes[1].legend(fontsize=7)
+    return save_figure(fig, "pilots", config)
+
+
+pilots_path = config.data_dir / "pilots.json"
+if pilots_path.exists():
+    pilots_result = json.loads(pilots_path.read_text())
+    show_markdown(pilot_table(pilots_result))
+    plot_pilots(pilots_result, config)
+else:
+    print(f"No pilots in {pilots_path}: run VNCA_MODE=pilots to make them.")
 
 # %% [markdown]
 # **Memory of a `full` run** (section 6's plan). On one GPU, `XLA_PYTHON_CLIENT_MEM_FRACTION=.9`
