@@ -39,16 +39,14 @@
 #    cell.
 #
 # **Status.** Run on CPU only: the committed outputs are the `cpu` preset on a 2-core machine,
-# the three models at one small setting, far from convergence; a digit classifier measures what
-# a reader would see in them (section 7). The `full` preset, the paper's settings, **has not been
+# the baseline and doubling VNCA at one small setting, the non-doubling VNCA at a longer one of its
+# own, all far from convergence; a digit classifier measures what a reader would see (section 7). The `full` preset, the paper's settings, **has not been
 # run**: we had no TPU or GPU; its programs were compiled and fit a TPU core's or a 16 GB GPU's
 # memory (section 6). The committed run's key numbers follow.
 #
-# > **On Kaggle.** Choose a TPU or GPU; use *Save Version > Save & Run All (Commit)*: an
-# > interactive session stops when idle. Before training, a pre-flight (a few minutes) prints each
-# > model's seconds per step and the projected time, and stops with a plan of sessions if the run
-# > does not fit. Accelerator hours are a weekly quota. A stopped session keeps its outputs and
-# > its checkpoints (`data/checkpoints/`), from which the next session resumes (README).
+# > **On Kaggle.** Choose a TPU or GPU and *Save Version > Save & Run All (Commit)* (an
+# > interactive session stops when idle). A pre-flight prints each model's seconds per step and,
+# > if the run does not fit, a plan of sessions; each resumes from the last one's checkpoints (README).
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 import json
@@ -282,11 +280,10 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | `sweep` | choosing the `cpu` preset: the doubling VNCA at several sizes for equal time, then stop | trains only the sweep |
 # | `pilots` | choosing the non-doubling `cpu` setting: changes to the shared setting, each for a set time, then stop | trains only the pilots |
 #
-# Environment variables override single settings (`VNCA_STEPS`, `VNCA_SEED`, ...; the README
-# lists them; the cell prints those in force); `VNCA_MODELS`, `VNCA_UNTIL_STEP` and
-# `VNCA_SESSION_HOURS` shape a session (section 6). `VNCA_BACKEND=tpu` (or `gpu`) makes a CPU take
-# the accelerators' code paths, so that CI tests them. Every random stream comes from the seed by
-# name (`run_key`, `run_rng`), but the batches, seeded by seed and epoch (section 3).
+# Environment variables override single settings (`VNCA_STEPS`, `VNCA_SEED`, ...; README); the
+# cell prints those in force. `VNCA_BACKEND=tpu` (or `gpu`) makes a CPU take the accelerators'
+# code paths, so that CI tests them. Random streams come from the seed by name (`run_key`,
+# `run_rng`); the batches from seed and epoch (section 3).
 
 # %%
 MODEL_NAMES = ("baseline", "doubling", "nondoubling")
@@ -842,9 +839,8 @@ show_markdown(markdown_table(
 # the test set (`jax.device_put_sharded`), so that the step receives only indices. Both were
 # removed in JAX 0.10; `jax.device_put` with a `NamedSharding` over a one-axis `Mesh` replaces
 # them. An array with one leading entry per device is split along it, the layout `jax.pmap`
-# expects, so a call copies nothing (on JAX 0.4.30-0.4.33 only with `jax_pmap_no_rank_reduction`,
-# set in section 1; the check asserts a donated array is consumed in place). A reduced preset
-# evaluates a seeded random subset of the test set, which is sorted by digit.
+# expects, so a call copies nothing (on JAX 0.4.30-0.4.33 with `jax_pmap_no_rank_reduction`, set
+# in section 1). A reduced preset evaluates a seeded random subset of the test set (sorted by digit).
 
 # %%
 def device_mesh() -> Mesh:
@@ -963,10 +959,10 @@ checks(check_batch_indices)
 #
 # **Layers, built for the backend.** `Dense` is $x W^\top + b$ over the last axis (a linear layer,
 # or a 1x1 convolution). On a TPU or GPU, `Conv` and `UpConv` call `lax.conv_general_dilated`
-# (channels-last). On a CPU, where that convolution was 10x slower outside loops and 24x inside (appendix A), they
+# (channels-last). On a CPU, where that convolution is slow inside loops (appendix A), they
 # compute it as one matrix product over the $k^2$ shifted copies of the input ("im2col"); `UpConv`
-# gets a stride-2 transposed convolution's four output parities from one 3x3 product. Hidden checks
-# show both routes give the same outputs and gradients.
+# gets a stride-2 transposed convolution's four output parities from one 3x3 product. Both routes
+# give the same outputs and gradients (checked).
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -1304,9 +1300,8 @@ checks(check_nca_step)
 # its input state and its 3x3 perception for the backward pass, and each `grow_for` branch is one
 # too, since a cond keeps every branch's saved values, taken or not (a development measurement).
 #
-# All three decoders share one interface, `seed`, `grow(state, n_steps=None, damage=None)` (the
-# final state) and `logits`; the NCA decoders add `trajectory` (every step's state, one array per
-# stage). They take one state $(H, W, Z)$ or a batch $(B, H, W, Z)$.
+# All decoders share `seed`, `grow(state, n_steps=None, damage=None)` and `logits`; the NCA
+# decoders add `trajectory` (every step's state). They take one state or a batch.
 
 # %%
 class NCADecoder(eqx.Module):
@@ -1603,9 +1598,9 @@ checks(check_objective, test_images)
 # ($P/n$ each). In every batch half the images start from a fresh encoder sample, the other half
 # from the final states stored in the pool, half of those damaged (a random 16x16 square of cells
 # set to zero). After the $T$ steps every new $(x, z_T)$ joins the pool, which is shuffled and
-# cut back to its size. Each device keeps its own $P/n$ entries, fed by its own batches: no device
-# gathers the whole pool (512 MiB at the paper's sizes). No gradient flows into stored states. Entries not yet filled (`valid = False`) sort last,
-# and the batch uses fresh samples in their place.
+# cut back to its size. Each device keeps and feeds its own $P/n$ entries (no device gathers the
+# whole pool); no gradient flows into stored states; unfilled entries are replaced by fresh
+# samples. Before step `pool_from` (12,000 of the `cpu` preset's 20,000) the pool only fills.
 
 # %%
 class Pool(NamedTuple):
@@ -1820,11 +1815,10 @@ checks(check_pool)
 # copy of the training set by index, computes the gradient of its share, and `lax.pmean` averages
 # gradients and metrics over the devices, so the replicas stay identical.
 #
-# **Randomness.** The run's key splits into an initialisation key and a training key. Step $s$
-# folds $s$ into the training key and splits the result into a *shared* key, the same on all
-# devices (the non-doubling $T$), and a *per-device* root into which each device
-# folds its index (posterior samples, damage, its pool's shuffle). Keys depend only on step and
-# device, so a resumed run, or one with another number of steps per call, draws the same numbers.
+# **Randomness.** Step $s$ folds $s$ into the training key and splits it into a key *shared* by
+# all devices (the non-doubling $T$) and one per device, which folds in its index (posterior
+# samples, damage, its pool's shuffle). Keys depend only on step and device, so a resumed run
+# draws the same numbers.
 #
 # **Optimiser.** `optax.chain(optax.clip_by_global_norm(10), optax.adam(lr))`: clip the
 # *gradient*, then Adam, as the paper describes (the replication's code chained them the other
@@ -1941,14 +1935,13 @@ def make_evaluator(n_samples: int, chunk: int, batch: int, axis_name: str = "dev
 # %% [markdown]
 # ### Checkpoints
 #
-# Sessions end (time limits, idle timeouts, preemption). Every `checkpoint_every_s` seconds and at
-# the end, each model's state goes into one file, `data/checkpoints/<model>.ckpt`: a JSON header
-# (the run's *fingerprint*, the step, the loss history), then the parameters, optimiser state and
-# pool. It is written under a temporary name and renamed once, so a kill leaves the old checkpoint
-# or the new one, never a mix. Keys and batches follow from the seed and the step, so nothing else
-# is needed to resume. The newest matching checkpoint, here or under `/kaggle/input` on Kaggle, is
-# loaded; this run's own file with another fingerprint (preset, architecture, batch, optimiser,
-# pool, seed), or unreadable, is refused with what to do.
+# Every `checkpoint_every_s` seconds and at the end, each model's state goes into one file,
+# `data/checkpoints/<model>.ckpt`: a JSON header (the run's *fingerprint*, the step, the loss
+# history), then the parameters, optimiser state and pool, written under a temporary name and
+# renamed once, so a kill leaves the old checkpoint or the new one. Keys and batches follow from
+# the seed and the step. The newest matching checkpoint, here or under `/kaggle/input`, is
+# loaded; one with another fingerprint (preset, architecture, batch, optimiser, pool, seed), or
+# unreadable, is refused with what to do.
 
 # %%
 class CheckpointMismatch(RuntimeError):
@@ -2449,10 +2442,9 @@ checks(check_one_compile, train_on_devices, test_on_devices, mesh, config)
 # 16 GiB and the 75 % of a 16 GB GPU that JAX takes by default, 11.2 GiB. `memory_plan` compiles,
 # without running, the `full` training call and IWELBO call at the per-device shapes of 8 devices
 # (a Kaggle TPU), 2 (Kaggle's 2 x T4) and 1 (one GPU), and reads XLA's memory analysis: arguments
-# + outputs + temporaries - donated buffers. Compiled on a CPU, the numbers are indicative: a TPU
-# also pads arrays' last two dimensions to 8 x 128 tiles (little for the cell states, which
-# dominate). The `cpu` and `estimate` presets
-# make the plan, as does `VNCA_MEMORY_PLAN=1` (CI); appendix A shows the table.
+# + outputs + temporaries - donated buffers. Compiled on a CPU, the numbers are indicative (a TPU
+# also pads arrays to 8 x 128 tiles). The `cpu` preset and `VNCA_MEMORY_PLAN=1` (CI) make the
+# plan; appendix A shows it.
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 GIB = 2 ** 30
@@ -2822,8 +2814,20 @@ checks(check_training, trained, config)
 
 
 # %%
-def plot_losses(trained: dict[str, TrainState], config: Config) -> Path:
+def mean_digit_nats(train_images: np.ndarray, test_images: np.ndarray) -> float:
+    """Minus the log-likelihood per test image of a model that ignores the image and draws each pixel from
+    its frequency in the training set: a VAE collapsed onto the mean digit scores about this, plus its KL."""
+    p = np.clip(train_images.mean(0), 1e-6, 1 - 1e-6)
+    return float(-(test_images * np.log(p) + (1 - test_images) * np.log1p(-p)).sum((1, 2, 3)).mean())
+
+
+def mark_mean_digit(ax: plt.Axes, nats: float) -> None:
+    ax.axhline(nats, color="grey", ls="--", lw=0.8, label=f"mean digit (per-pixel frequencies): {nats:.0f}")
+
+
+def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: float) -> Path:
     fig, (loss, kl) = plt.subplots(1, 2, figsize=(12, 4))
+    mark_mean_digit(loss, mean_digit)
     for name, state in trained.items():
         if state.history:
             steps = [call.step for call in state.history]
@@ -2839,8 +2843,9 @@ def plot_losses(trained: dict[str, TrainState], config: Config) -> Path:
     return save_figure(fig, "training_loss", config)
 
 
+mean_digit = mean_digit_nats(train_images, test_images)
 if any(state.history for state in trained.values()):
-    plot_losses(trained, config)
+    plot_losses(trained, config, mean_digit)
 else:
     print("no model trained in this run (VNCA_MODE=sweep trains only the sweep, in section 7)")
 
@@ -3004,12 +3009,11 @@ def check_classifier(classifier: DigitClassifier, accuracy: float, held_out: np.
 checks(check_classifier, classifier, classifier_accuracy, held_out, len(test_images_all), config.classifier_steps)
 
 # %% [markdown]
-# **Run machinery: the sweep behind the `cpu` preset** (collapsed; it needs the classifier, so it
-# runs here). In `VNCA_MODE=sweep` the models above have 0 steps; the sweep trains the doubling VNCA at each (latent,
-# batch) of `SWEEP_SETTINGS` for the same time (`sweep_seconds`, compiling included), scores its
-# reconstructions of 500 held-out digits at half and full time, saves `data/sweep.json` and stops
-# (table in appendix A). In any other mode the cell does nothing. After 6 min, recognition was
-# near chance for every setting in the committed sweep, so the training loss chose (table).
+# **Run machinery: the sweep behind the `cpu` preset** (collapsed; it needs the classifier). In
+# `VNCA_MODE=sweep` the cell trains the doubling VNCA at each (latent, batch) of `SWEEP_SETTINGS`
+# for the same time, scores its reconstructions of 500 held-out digits at half and full time,
+# saves `data/sweep.json` and stops (appendix A). After 6 min every setting was near chance, so
+# the training loss chose.
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 SWEEP_SETTINGS = [(latent, batch) for latent in (32, 64, 128) for batch in (8, 32)]  # (latent, batch)
@@ -3080,11 +3084,10 @@ if config.preset == "sweep":  # every 10th held-out digit: 500 of them, every cl
 
 # %% [markdown]
 # **Run machinery: the non-doubling pilots** (collapsed). In `VNCA_MODE=pilots` the cell trains the
-# non-doubling VNCA from scratch under each setting of `PILOTS` for its time (15 min for the
-# single changes, so that they compare at equal time), each a change to the shared `cpu` setting (latent 32, batch 8, learning rate $3 \cdot 10^{-4}$, clip 10,
-# pool 256), scores it like the sweep and adds it to `data/pilots.json` at once; pilots already there
-# are not run again, so an interrupted run loses at most the pilot in progress. Table and curves:
-# appendix A. In any other mode the cell does nothing.
+# non-doubling VNCA under each change in `PILOTS` to the shared setting (pool 256) for 15 min,
+# scores it like the sweep and adds it to `data/pilots.json`, skipping pilots already there, then
+# stops (appendix A). A KL warm-up weighs the KL term from 0 up to 1 in the gradient; the loss
+# reported stays minus the ELBO.
 
 # %% _kg_hide-input=true jupyter={"source_hidden": true} tags=["plumbing"]
 NEVER = 10 ** 9  # pool_from: the pool and its damage are never used
@@ -3349,10 +3352,9 @@ checks(check_structure, structure)
 #
 # **Damage recovery** (the paper's Fig. 9). Held-out test digits, encoded (posterior means) and
 # grown $T = 36$ steps, lose a random 16x16 square of cells, then grow 36 more steps; beside them
-# the same digits grown 72 steps without damage. The classifier says which share is recognised
-# (true label) before the damage, just after it and after the recovery; the mean absolute pixel
-# error against the undamaged digit says how much of the damage healed. They test claim 3 only if
-# the model draws the digits it is given; "What this run shows" says.
+# the same digits grown 72 steps undamaged. We report the share recognised (true label) before the
+# damage, just after it and after the recovery, and the mean pixel error against the undamaged
+# digit. They test claim 3 only if the model draws the digits it is given.
 
 # %%
 def grown_cells(model: VAE, images: np.ndarray, steps: int) -> np.ndarray:
@@ -3555,8 +3557,8 @@ checks(check_long_runs, long_runs)
 # held-out real digits is the ceiling) scores (a) reconstructions of held-out digits against their
 # labels, also for the snapshots kept during training; (b) prior samples: how many classes they
 # cover, and the entropy of their class histogram (a confident classifier gives blobs a class too);
-# (c) the damage recovery above, repeated here; (d) whether digits keep their class after damage during growth (paper Fig. 11: every cell in the right half of the grid zeroed once), doubling
-# VNCA against baseline.
+# (c) the damage recovery above; (d) whether digits keep their class after damage during growth
+# (paper Fig. 11: the right half of the grid zeroed once), doubling VNCA against baseline.
 
 # %%
 CHANCE = 0.1  # ten classes
@@ -3803,10 +3805,10 @@ print(f"results written to {save_results(results, config)} (appendix A adds the 
 #
 # | item | paper (text or code) | replication | ours | why |
 # |---|---|---|---|---|
-# | gradient clipping | clip the gradient at norm 10, then Adam | Adam, then clip its update | clip, then Adam | the paper's description; clipping Adam's normalised update almost never acts |
-# | test labels | — | each binarized image matched to its source MNIST image | from the test split's class order and MNIST's class counts | exact, needs no second dataset (section 3) |
+# | gradient clipping | clip the gradient at norm 10, then Adam | Adam, then clip its update | clip, then Adam | the paper's text; clipping Adam's update rarely acts |
+# | test labels | — | each binarized image matched to its source MNIST image | from class order and counts | exact, no second dataset (section 3) |
 # | non-doubling $T$ in training | uniform in [32, 64] | `randint(32, 64)`: 64 never drawn | uniform in [32, 64] inclusive | the paper's range |
-# | linear probe split | — | 80/20 over all cells | 80/20 by image | no cell of a held-out image is seen in training |
+# | linear probe split | — | 80/20 over all cells | 80/20 by image | held-out images unseen |
 # | damage-recovery steps | 36 (Fig. 9) | 40 (Fig. 5) | 36 | the paper's $T$ |
 # | transposed-convolution init | PyTorch: fan-in from output channels x 25 | Equinox default: from input channels | PyTorch's | as the paper's code |
 # | border logits (2-pixel pad) | — (28x28 images) | $-\infty$ | $-100$ | same loss on this data, finite gradients |
@@ -3814,12 +3816,12 @@ print(f"results written to {save_results(results, config)} (appendix A adds the 
 # | encoder's second half | log sigma | log-variance | log-variance | same function class; as the replication |
 # | clip norm per model | text: 10; code: 10 doubling, 1.0 baseline and non-doubling | 10 for all | 10 for all | the paper's text |
 # | non-doubling grid | code: 28x28 | 32x32 | 32x32 | one data layout for all models |
-# | non-doubling update's last 1x1 conv | code: no bias (5,042,304 parameters) | bias (5,042,432) | bias | as the replication, whose count the paper's table matches |
+# | non-doubling update's last 1x1 conv | code: no bias (5,042,304 parameters) | bias (5,042,432) | bias | the paper's parameter count |
 # | KL term | baseline code: KL(p‖q), arguments swapped | KL(q‖p) | KL(q‖p) | the ELBO's KL |
-# | damage in Fig. 11 | right half of all cell states zeroed, just before each doubling | — | the same, just after it | zeroing commutes with the doubling's copy of each cell |
-# | learning rate in the `cpu` preset | $10^{-4}$ | $10^{-4}$ | $3 \cdot 10^{-4}$ (`full`: $10^{-4}$) | a few thousand steps here; in development, $3 \cdot 10^{-4}$ reached in 550 steps the loss (about 200 nats) that $10^{-4}$ reached in 832 |
-# | non-doubling pool in the `cpu` preset | from the first steps; 1,024 (8x the batch) | the same | every batch fresh for the first 12,000 of 20,000 steps, then a pool of 64 (8x the batch) | pilots (appendix A), 15 min each: loss 202.5 with no pool, 221.0 with a pool of 64, 233.0 with 256 |
-# | non-doubling steps in the `cpu` preset | 100,000 | 100,000 | 20,000 (baseline and doubling 5,000) | at 5,000 steps it had learned only the mean digit; it needs many more steps, as the paper says |
+# | damage in Fig. 11 | right half zeroed just before each doubling | — | just after it | zeroing commutes with the doubling |
+# | learning rate in the `cpu` preset | $10^{-4}$ | $10^{-4}$ | $3 \cdot 10^{-4}$ (`full`: $10^{-4}$) | in development it reached in 550 steps the loss $10^{-4}$ reached in 832 |
+# | non-doubling pool in the `cpu` preset | from the first steps; 1,024 (8x the batch) | the same | none for 12,000 of 20,000 steps, then 64 (8x the batch) | pilots (appendix A): at 15 min, loss 202.5 with no pool, 221.0 with 64, 233.0 with 256 |
+# | non-doubling steps in the `cpu` preset | 100,000 | 100,000 | 20,000 (baseline and doubling 5,000) | at 5,000 steps it had learned only the mean digit |
 
 # %% [markdown]
 # ## 8. Figures
@@ -3827,8 +3829,7 @@ print(f"results written to {save_results(results, config)} (appendix A adds the 
 # Every figure of the replication, plus the paper's Fig. 11 (damage during growth), each saved
 # under `figures/`. Decoded images are either Bernoulli samples (black and white: what the model
 # generates) or pixel probabilities $\sigma(\text{logit})$ (grey levels), as each title says.
-# Samples "from the prior" decode $z \sim \mathcal N(0, I)$. The sentences under the figures
-# that judge what they show are written from this run's numbers.
+# Samples "from the prior" decode $z \sim \mathcal N(0, I)$. Captions' judgements come from this run's numbers.
 #
 # ### Reconstructions and samples (replication Fig. 2)
 #
@@ -4127,8 +4128,7 @@ checks(check_figures, animations, growth, config)
 # **Attractors.** If a grown digit is a stable state of the automaton, it is close to a fixed
 # point of the update, $u_\theta(z^\star) \approx 0$ (the deep-equilibrium view), and nearby
 # states flow back to it: the per-cell change $|z_{t+1} - z_t|$ and the change of the decoded
-# image fall towards zero and stay there, and after damage they rise and fall again. The figure draws the runs of
-# section 7: the two curves over 500 steps (top) and the decoded digits at a few steps (bottom).
+# image fall towards zero, and after damage rise and fall again. The figure draws section 7's runs.
 
 # %%
 STRIP_STEPS = [36, 64, 128, 256, 500]
@@ -4412,11 +4412,9 @@ show_markdown(markdown_table(["model", "lever", "kept", "s/step", "alternative",
 # | doubling, 32 (micro-batches) | 31.1 | 17.1 | 1.82x | >= 1.2x |
 # | non-doubling, 8, $T = 36$ | 2.13 | 2.46 | 0.87x | >= 1.2x |
 #
-# Two goals are missed; XLA:CPU is the limit. im2col copies each activation $k^2$ times, where
-# oneDNN reads it in place, but XLA:CPU's own convolution is fast only outside loops
-# (jax-ml/jax#12868): the non-doubling gradient ($T = 36$, batch 8) takes 1.72 s with native
-# convolutions unrolled against 2.37 s by im2col, but 54.8 s against 2.27 s inside a loop, as in
-# a training call.
+# Two goals are missed: im2col copies each activation $k^2$ times, where oneDNN reads it in
+# place, but XLA:CPU's own convolution is fast only outside loops (jax-ml/jax#12868): the
+# non-doubling gradient takes 54.8 s with it inside a loop against 2.27 s by im2col.
 
 # %% [markdown]
 # **A `full` run.** `VNCA_MODE=estimate` runs the pre-flight for the `full` preset and saves it in
@@ -4446,16 +4444,17 @@ else:
 # saved, with each pilot's loss and KL against training time.
 
 # %%
-def plot_pilots(result: dict, config: Config) -> Path:
+def plot_pilots(result: dict, config: Config, mean_digit: float) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    mark_mean_digit(axes[0], mean_digit)
     for row in result["rows"]:
         curve = np.asarray(row["curve"])
         for ax, column in zip(axes, (2, 3)):
             ax.plot(curve[:, 1], curve[:, column], lw=1, label=row["name"])
     for ax, label in zip(axes, ("minus the ELBO (nats)", "KL term (nats)")):
         ax.set(xlabel="training minutes", ylabel=label)
-    axes[0].set_ylim(top=300)
-    axes[1].legend(fontsize=7)
+    axes[0].set_ylim(mean_digit - 30, mean_digit + 100)  # the first minutes and unstable calls lie above
+    axes[1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return save_figure(fig, "pilots", config)
 
 
@@ -4463,7 +4462,7 @@ pilots_path = config.data_dir / "pilots.json"
 if pilots_path.exists():
     pilots_result = json.loads(pilots_path.read_text())
     show_markdown(pilot_table(pilots_result))
-    plot_pilots(pilots_result, config)
+    plot_pilots(pilots_result, config, mean_digit)
 else:
     print(f"No pilots in {pilots_path}: run VNCA_MODE=pilots to make them.")
 
