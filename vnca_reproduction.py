@@ -275,7 +275,7 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | preset | for | differs from the paper by |
 # |---|---|---|
 # | `full` | the paper's settings; default on TPU/GPU | nothing: latent 256/256/128, batch 32/32/128, 100,000 steps, pool 1024, IWELBO-128 on 10,000 test images |
-# | `cpu` | the committed run on 2 CPU cores (its time: appendix A); default on CPU | baseline and doubling: one setting, chosen by the sweep (appendix A): latent 32, batch 8, 5,000 steps; non-doubling: its own, after the pilots (appendix A): latent 32, batch 8, 20,000 steps, every batch fresh until step 12,000, then a pool of 64; learning rate $3 \cdot 10^{-4}$; the doubling batch decoded whole on CPU; 512 test images, IWELBO-32; t-SNE of 2,000 points |
+# | `cpu` | the committed run on 2 CPU cores; default on CPU | baseline and doubling: one setting, chosen by the sweep (appendix A): latent 32, batch 8, 5,000 steps; non-doubling: its own, after the pilots (appendix A): latent 32, batch 8, 20,000 steps, every batch fresh until step 12,000, then a pool of 64; learning rate $3 \cdot 10^{-4}$; 512 test images, IWELBO-32; t-SNE of 2,000 points |
 # | `smoke` | CI: every cell in minutes | tiny everything; its numbers mean nothing |
 # | `estimate` | the pre-flight of a `full` run on these devices, then stop | trains nothing |
 # | `sweep` | choosing the `cpu` preset: the doubling VNCA at several sizes for equal time, then stop | trains only the sweep |
@@ -960,11 +960,10 @@ checks(check_batch_indices)
 # final grid is each pixel's Bernoulli logit.
 #
 # **Layers, built for the backend.** `Dense` is $x W^\top + b$ over the last axis (a linear layer,
-# or a 1x1 convolution). On a TPU or GPU, `Conv` and `UpConv` call `lax.conv_general_dilated`
-# (channels-last). On a CPU, where that convolution is slow inside loops (appendix A), they
-# compute it as one matrix product over the $k^2$ shifted copies of the input ("im2col"); `UpConv`
-# gets a stride-2 transposed convolution's four output parities from one 3x3 product. Both routes
-# give the same outputs and gradients (checked).
+# or a 1x1 convolution). On a TPU or GPU, `Conv` and `UpConv` call `lax.conv_general_dilated`.
+# On a CPU, where that convolution is slow inside loops (appendix A), they compute it as one matrix
+# product over the $k^2$ shifted copies of the input ("im2col"). Both routes give the same outputs
+# and gradients (checked).
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -1300,7 +1299,7 @@ checks(check_nca_step)
 #
 # **Memory.** With `remat` (every preset), each NCA step is a `jax.checkpoint` keeping only
 # its input state and its 3x3 perception for the backward pass, and each `grow_for` branch is one
-# too, since a cond keeps every branch's saved values, taken or not (a development measurement).
+# too, since a cond keeps every branch's saved values, taken or not.
 #
 # All decoders share `seed`, `grow(state, n_steps=None, damage=None)` and `logits`; the NCA
 # decoders add `trajectory` (every step's state). They take one state or a batch.
@@ -1822,8 +1821,7 @@ checks(check_pool)
 #
 # **Optimiser.** `optax.chain(optax.clip_by_global_norm(10), optax.adam(lr))`: clip the
 # *gradient*, then Adam, as the paper describes (the replication's code chained them the other
-# way round, clipping Adam's already normalised update, which almost never acts). `optax.flatten`
-# runs it on one flat vector, which compiles faster.
+# way round, clipping Adam's already normalised update, which almost never acts).
 
 # %%
 def make_optimizer(settings: StepSettings) -> optax.GradientTransformation:
@@ -4231,6 +4229,10 @@ show_markdown(not_digits_caveat(recognition["nondoubling"]["reconstructions"]) +
 # per image, and the IWELBO over the evaluated test images. The replication's Kaggle TPU v3-8
 # trained the three models for 100,000 steps in 10 min / 40 min / 2.5 h and computed the
 # IWELBO-128 of the full test set in 1.45 s / 162 s / 75 s (baseline / doubling / non-doubling).
+#
+# **Provenance.** The committed run loaded the three models from checkpoints trained earlier on
+# this machine, the non-doubling VNCA's across several sittings, each resuming from the last
+# checkpoint; section 6 prints where each came from.
 
 # %%
 def seconds_per_call(f: Callable, *args, repeats: int = 3) -> float:
