@@ -281,10 +281,8 @@ print(f"backend: {jax.default_backend()} | {jax.device_count()} device(s): "
 # | `sweep` | choosing the `cpu` preset: the doubling VNCA at several sizes for equal time, then stop | trains only the sweep |
 # | `pilots` | choosing the non-doubling `cpu` setting: changes to the shared setting, each for a set time, then stop | trains only the pilots |
 #
-# Environment variables override single settings (`VNCA_STEPS`, `VNCA_SEED`, ...; README); the
-# cell prints those in force. `VNCA_BACKEND=tpu` (or `gpu`) makes a CPU take the accelerators'
-# code paths, so that CI tests them. Random streams come from the seed by name (`run_key`,
-# `run_rng`); the batches from seed and epoch (section 3).
+# Environment variables (`VNCA_STEPS`, `VNCA_SEED`, ...; README) override single settings.
+# `VNCA_BACKEND=tpu` (or `gpu`) makes a CPU take the accelerators' code paths, so that CI tests them.
 
 # %%
 MODEL_NAMES = ("baseline", "doubling", "nondoubling")
@@ -959,11 +957,9 @@ checks(check_batch_indices)
 # One NCA step is $z_{t+1} = z_t + u_\theta(z_t)$ for every cell at once; channel 0 of the
 # final grid is each pixel's Bernoulli logit.
 #
-# **Layers, built for the backend.** `Dense` is $x W^\top + b$ over the last axis (a linear layer,
-# or a 1x1 convolution). On a TPU or GPU, `Conv` and `UpConv` call `lax.conv_general_dilated`.
-# On a CPU, where that convolution is slow inside loops (appendix A), they compute it as one matrix
-# product over the $k^2$ shifted copies of the input ("im2col"). Both routes give the same outputs
-# and gradients (checked).
+# **Layers.** `Dense` is $x W^\top + b$ over the last axis. On a TPU or GPU, `Conv` and `UpConv`
+# call `lax.conv_general_dilated`; on a CPU, one matrix product over the $k^2$ shifted inputs
+# ("im2col", appendix A), with the same outputs and gradients (checked).
 
 # %%
 def torch_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
@@ -2824,6 +2820,9 @@ def mark_mean_digit(ax: plt.Axes, nats: float) -> None:
     ax.axhline(nats, color="grey", ls="--", lw=0.8, label=f"mean digit (per-pixel frequencies): {nats:.0f}")
 
 
+LOSS_AXIS_TOP = 4  # the loss panel ends at this multiple of the mean digit's loss
+
+
 def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: float) -> Path:
     fig, (loss, kl) = plt.subplots(1, 2, figsize=(12, 4))
     mark_mean_digit(loss, mean_digit)
@@ -2836,6 +2835,13 @@ def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: floa
             if 0 < pool_from < steps[-1]:
                 for ax in (loss, kl):
                     ax.axvline(pool_from, color="grey", ls=":", label=f"{name}: pool from step {pool_from:,}")
+    top = LOSS_AXIS_TOP * mean_digit  # calls above this (e.g. a pool switched on mid-training) are named, not drawn
+    off_scale = [(call.loss, call.step, name) for name, state in trained.items() for call in state.history if call.loss > top]
+    if off_scale:
+        highest, step, name = max(off_scale)
+        loss.set_ylim(top=top)
+        loss.text(0.02, 0.97, f"{len(off_scale)} call(s) off the scale, highest {highest:,.0f} nats ({name}, step {step:,})",
+                  transform=loss.transAxes, va="top", fontsize=8)
     loss.set(xlabel="optimiser step", ylabel="training loss = -ELBO (nats)", yscale="log",
              title=f"Training loss, preset '{config.preset}' (mean over each call's steps)")
     kl.set(xlabel="optimiser step", ylabel="KL term (nats)", yscale="log",
@@ -2846,13 +2852,44 @@ def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: floa
     return save_figure(fig, "training_loss", config)
 
 
+def around_switch(history: list[Call], step: int, calls: int = 10) -> tuple[float, float]:
+    """Median training loss over the `calls` calls that end at or before `step`, and over the next `calls`."""
+    before = [call.loss for call in history if call.step <= step][-calls:]
+    after = [call.loss for call in history if call.step > step][:calls]
+    return float(np.median(before)), float(np.median(after))
+
+
+def training_caption(trained: dict[str, TrainState], config: Config, mean_digit: float) -> str:
+    """The figure's numbers: each model's last loss and KL, and the loss around a pool switched on mid-training."""
+    text = (f"Last call's loss (KL), nats: " + ", ".join(f"{name} {s.history[-1].loss:.1f} ({s.history[-1].kl:.1f})"
+                                                       for name, s in trained.items() if s.history)
+            + f"; the mean digit scores {mean_digit:.1f}.")
+    for name, state in trained.items():
+        pool_from = config.settings(name).pool_from
+        if state.history and 0 < pool_from < state.history[-1].step:
+            before, after = around_switch(state.history, pool_from)
+            text += (f" The {name} model's loss, median of 10 calls, goes from {before:.1f} before its pool comes in "
+                     f"(step {pool_from:,}) to {after:.1f} after: from then on it is also scored on grown and damaged states.")
+    return text
+
+
 mean_digit = mean_digit_nats(train_images, test_images)
 if any(state.history for state in trained.values()):
     plot_losses(trained, config, mean_digit)
+    show_markdown(training_caption(trained, config, mean_digit))
 else:
     print(f"no model trained in this run (VNCA_MODE={config.preset} trains none of the three)"
           if config.preset in ("sweep", "pilots") else "no model trained in this run")
 
+
+# %% _kg_hide-input=true jupyter={"outputs_hidden": true, "source_hidden": true} tags=["check"]
+def check_around_switch() -> str:
+    history = [Call(step, loss, 1.0, 1.0) for step, loss in zip(range(25, 525, 25), [9.0] * 10 + [20.0] * 9 + [1e4])]
+    assert around_switch(history, 250) == (9.0, 20.0) and around_switch(history, 250, calls=3) == (9.0, 20.0)
+    return "training caption: losses around the pool's switch-on split at its step"
+
+
+checks(check_around_switch)
 
 # %% [markdown]
 # ### Using the trained models
@@ -3687,11 +3724,16 @@ def attractor_verdict(measures: dict, n_digits: int) -> str:
                "the digits persist but do not settle" if persist else "the digits do not persist"))
 
 
-def healing(errors: dict) -> str:
-    """How much of the damage heals, from the pixel errors just after it and after the recovery steps."""
-    ratio = errors["after_recovery"] / errors["after_damage"]
-    return ("most of the damage heals" if ratio < 0.5 else "the damage heals only in part" if ratio < 0.9
-            else "the damage does not heal in this run")
+def healing(errors: dict, recovery: dict) -> str:
+    """How much of the damage heals, judged on the pixels (the error just after the damage against after the
+    recovery steps) and on the digits (the share of the recognition the damage took that comes back)."""
+    pixels = 1 - errors["after_recovery"] / errors["after_damage"]
+    lost = recovery["before_damage"] - recovery["after_damage"]
+    regained = (recovery["after_recovery"] - recovery["after_damage"]) / lost if lost > 0 else 1.0
+    verdict = ("most of the damage heals" if pixels >= 0.5 and regained >= 0.5 else
+               "the damage heals only in part" if pixels >= 0.1 or regained >= 0.1 else "the damage does not heal")
+    return (f"{verdict}: the pixel error falls by {pixels:.0%}, and {max(regained, 0.0):.0%} of the recognition "
+            "the damage took comes back")
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
@@ -3735,7 +3777,7 @@ def recovery_sentence(recovery: dict, errors: dict, steps: int, testable: bool) 
     shares = " → ".join(percent(recovery[k]) for k in ("before_damage", "after_damage", "after_recovery"))
     text = (f"recognised before the damage → just after it → after {steps} recovery steps: {shares}; the pixel error "
             f"against the undamaged digit goes from {errors['after_damage']:.3f} to {errors['after_recovery']:.3f}")
-    return text + (f": {healing(errors)}, and {percent(recovery['keeps_undamaged_class'])} of the recovered digits keep "
+    return text + (f": {healing(errors, recovery)}; {percent(recovery['keeps_undamaged_class'])} of the recovered digits keep "
                    "the class of their undamaged version" if testable else "")
 
 
@@ -3751,7 +3793,9 @@ def claim3_sentence(results: dict, config: Config) -> str:
                 f"draws, not digits: linear probe {percent(results['linear_probe_accuracy'])} (replication 80.37 %); "
                 f"damage recovery: {recovery_sentence(results['recognition']['recovery'], r, config.t_test, False)}; "
                 f"attractors: {results['attractors']}.")
-    return (f"- **Claim 3, cells and damage:** the linear probe reads the digit from one cell of the non-doubling VNCA "
+    partly = (f" (on a model whose reconstructions are recognised {percent(recognised)} of the time, short of the "
+              f"{NONDOUBLING_TARGET:.0%} aimed at: read every share against that)" if recognised < NONDOUBLING_TARGET else "")
+    return (f"- **Claim 3, cells and damage{partly}:** the linear probe reads the digit from one cell of the non-doubling VNCA "
             f"with {percent(results['linear_probe_accuracy'])} accuracy (chance 10 %, replication 80.37 %). Damage recovery "
             f"of held-out digits: {recovery_sentence(results['recognition']['recovery'], results['damage_recovery'], config.t_test, True)}. "
             f"Attractors: {results['attractors']}.")
@@ -4111,8 +4155,8 @@ show_markdown(f"A digit keeps its class in {percent(damage_agreement['doubling']
 # %% [markdown]
 # ### Animations
 #
-# Two GIFs under `figures/`, not shown inline: the doubling VNCA growing four prior samples (the
-# frames of the growth figure), and the non-doubling VNCA's damage and recovery.
+# Two GIFs under `figures/`, not shown inline: the doubling VNCA growing four prior samples, and
+# the non-doubling VNCA's damage and recovery.
 
 # %%
 def save_gif(frames: np.ndarray, name: str, config: Config, scale: int = 4, ms: int = 120) -> Path:
@@ -4215,7 +4259,11 @@ show_markdown(not_digits_caveat(recognition["nondoubling"]["reconstructions"]) +
 # **What was difficult.**
 # - *The non-doubling VNCA at a small setting.* At the shared setting it drew only the mean digit
 #   after 5,000 steps; the pilots (appendix A) showed the pool slowing its early learning, so it
-#   trains four times longer and meets the pool from step 12,000.
+#   trains four times longer and meets the pool from step 12,000. It was most recognisable just
+#   before: the pool's states, grown past its trained steps and half of them damaged, cost more
+#   than the remaining steps won back (section 8); it ends short of the 70 % aimed at. Untried:
+#   the pool from the first step and many more steps, as in the paper, or undamaged pool states
+#   at first.
 # - *Speed on CPU.* XLA:CPU's convolutions are slow inside `lax.scan`; one matrix product per
 #   convolution made the steps several times faster (appendix A).
 # - *A dynamic number of steps with gradients.* `lax.scan` needs a fixed length and
