@@ -2837,18 +2837,19 @@ def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: floa
                     ax.axvline(pool_from, color="grey", ls=":", label=f"{name}: pool from step {pool_from:,}")
     top = LOSS_AXIS_TOP * mean_digit  # calls above this (e.g. a pool switched on mid-training) are named, not drawn
     off_scale = [(call.loss, call.step, name) for name, state in trained.items() for call in state.history if call.loss > top]
-    if off_scale:
-        highest, step, name = max(off_scale)
-        loss.set_ylim(top=top)
-        loss.text(0.02, 0.97, f"{len(off_scale)} call(s) off the scale, highest {highest:,.0f} nats ({name}, step {step:,})",
-                  transform=loss.transAxes, va="top", fontsize=8)
     loss.set(xlabel="optimiser step", ylabel="training loss = -ELBO (nats)", yscale="log",
              title=f"Training loss, preset '{config.preset}' (mean over each call's steps)")
+    note = None
+    if off_scale:
+        highest, step, name = max(off_scale)
+        lowest = min(call.loss for state in trained.values() for call in state.history)
+        loss.set_ylim(0.9 * lowest, top)
+        note = f"{len(off_scale)} call(s) off the scale, highest\n{highest:,.0f} nats ({name}, step {step:,})"
     kl.set(xlabel="optimiser step", ylabel="KL term (nats)", yscale="log",
            title="The KL term (near 0: the decoder ignores the latent)")
     for ax in (loss, kl):
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title=note if ax is loss else None, title_fontsize=8)
     return save_figure(fig, "training_loss", config)
 
 
