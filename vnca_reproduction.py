@@ -2821,6 +2821,12 @@ def mark_mean_digit(ax: plt.Axes, nats: float) -> None:
 
 
 LOSS_AXIS_TOP = 4  # the loss panel ends at this multiple of the mean digit's loss
+SWITCH_CALLS = 10  # calls on each side of a pool's switch-on that the caption's medians cover
+
+
+def pool_switches(pool_from: int, last_step: int) -> bool:
+    """Whether a model's pool came in partway through the training that reached `last_step`."""
+    return 0 < pool_from < last_step
 
 
 def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: float) -> Path:
@@ -2832,7 +2838,7 @@ def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: floa
             loss.plot(steps, [call.loss for call in state.history], label=f"{name} (batch {config.settings(name).batch})")
             kl.plot(steps, [call.kl for call in state.history], label=name)
             pool_from = config.settings(name).pool_from
-            if 0 < pool_from < steps[-1]:
+            if pool_switches(pool_from, steps[-1]):
                 for ax in (loss, kl):
                     ax.axvline(pool_from, color="grey", ls=":", label=f"{name}: pool from step {pool_from:,}")
     top = LOSS_AXIS_TOP * mean_digit  # calls above this (e.g. a pool switched on mid-training) are named, not drawn
@@ -2853,7 +2859,7 @@ def plot_losses(trained: dict[str, TrainState], config: Config, mean_digit: floa
     return save_figure(fig, "training_loss", config)
 
 
-def around_switch(history: list[Call], step: int, calls: int = 10) -> tuple[float, float]:
+def around_switch(history: list[Call], step: int, calls: int = SWITCH_CALLS) -> tuple[float, float]:
     """Median training loss over the `calls` calls that end at or before `step`, and over the next `calls`."""
     before = [call.loss for call in history if call.step <= step][-calls:]
     after = [call.loss for call in history if call.step > step][:calls]
@@ -2867,9 +2873,9 @@ def training_caption(trained: dict[str, TrainState], config: Config, mean_digit:
             + f"; the mean digit scores {mean_digit:.1f}.")
     for name, state in trained.items():
         pool_from = config.settings(name).pool_from
-        if state.history and 0 < pool_from < state.history[-1].step:
+        if state.history and pool_switches(pool_from, state.history[-1].step):
             before, after = around_switch(state.history, pool_from)
-            text += (f" The {name} model's loss, median of 10 calls, goes from {before:.1f} before its pool comes in "
+            text += (f" The {name} model's loss, median of {SWITCH_CALLS} calls, goes from {before:.1f} before its pool comes in "
                      f"(step {pool_from:,}) to {after:.1f} after: from then on it is also scored on grown and damaged states.")
     return text
 
@@ -3750,7 +3756,7 @@ def snapshot_course(name: str, curve: list[dict], pool_from: int) -> str:
     """A model's recognisability along training, from its snapshots: where it peaked against where it ended,
     and, for a pool switched on mid-training, where that happened."""
     best, last = max(curve, key=lambda p: p["agreement"]), curve[-1]
-    pool = f"; its pool came in at step {pool_from:,}" if 0 < pool_from <= last["step"] else ""
+    pool = f"; its pool came in at step {pool_from:,}" if pool_switches(pool_from, last["step"]) else ""
     if last["agreement"] >= best["agreement"] - 0.05:
         return f"{name} {percent(last['agreement'])} at its last snapshot (step {last['step']:,}), near its best{pool}"
     return (f"{name} peaked at {percent(best['agreement'])} (step {best['step']:,}) and ended at "
